@@ -1,0 +1,173 @@
+"""The one place that talks to boto3.
+
+Why clients are built per call: Pulumi pickles dynamic providers with dill and
+a boto3 client holds an ``SSLContext`` that cannot be pickled, so nothing in
+the control plane keeps a client on an object. Building a client costs about a
+millisecond (botocore caches the service models), far less than one call.
+
+Every client:
+
+* honours ``AWS_ENDPOINT_URL`` (the local emulator) and the standard
+  credential chain, through boto3 itself;
+* retries throttling with botocore's ``adaptive`` mode (client-side rate
+  limiting plus exponential backoff), up to ``MAX_ATTEMPTS``;
+* has connect and read timeouts, so no call can hang a provision;
+* counts its calls into the current :class:`CallCounter`, so provision and
+  release can report API calls per runner.
+
+CreateFleet uses a client with few attempts: with ``Type=instant`` capacity
+problems come back in the response's ``Errors``, not as exceptions, and a
+fleet request that keeps failing should fail the provision fast rather than
+sit in backoff.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from controlplane.errors import AwsError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_ATTEMPTS = 8
+FLEET_MAX_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30           # > SQS long poll (20 s max)
+
+THROTTLING_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException", "RequestThrottled", "TooManyRequestsException",
+    "RequestThrottledException", "SlowDown",
+})
+
+
+class CallCounter:
+    """Thread-safe count of AWS calls by ``service.Operation``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def by_service(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for key, n in self.snapshot().items():
+            out[key.split(".", 1)[0]] += n
+        return dict(out)
+
+    def total(self) -> int:
+        return sum(self.snapshot().values())
+
+
+_counter: contextvars.ContextVar[CallCounter | None] = contextvars.ContextVar("rp_call_counter", default=None)
+
+
+def counting(counter: CallCounter) -> contextvars.Token[CallCounter | None]:
+    """Count the AWS calls of this context (and threads started by :func:`parallel`)."""
+    return _counter.set(counter)
+
+
+def stop_counting(token: contextvars.Token[CallCounter | None]) -> None:
+    _counter.reset(token)
+
+
+def _count_call(model: Any, **_: Any) -> None:
+    counter = _counter.get()
+    if counter is not None:
+        counter.add(f"{model.service_model.service_name}.{model.name}")
+
+
+def _config(region: str, attempts: int) -> Config:
+    return Config(
+        region_name=region,
+        retries={"mode": "adaptive", "total_max_attempts": attempts},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        max_pool_connections=50,
+    )
+
+
+def client(service: str, region: str, *, attempts: int = MAX_ATTEMPTS) -> Any:
+    """A fresh boto3 client for ``service`` in ``region`` (never store it)."""
+    session = boto3.session.Session()
+    c = session.client(service, config=_config(region, attempts))
+    c.meta.events.register("before-call", _count_call)
+    return c
+
+
+def fleet_client(region: str) -> Any:
+    """EC2 client for CreateFleet: few attempts, see the module docstring."""
+    return client("ec2", region, attempts=FLEET_MAX_ATTEMPTS)
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_conditional_failure(exc: BaseException) -> bool:
+    return error_code(exc) in {"ConditionalCheckFailedException", "TransactionCanceledException"}
+
+
+def wrap(exc: BaseException, doing: str, hint: str = "") -> AwsError:
+    """Map a botocore error once, keeping AWS's code; callers ``raise ... from exc``."""
+    code = error_code(exc)
+    if isinstance(exc, ClientError):
+        msg = exc.response.get("Error", {}).get("Message", "") or str(exc)
+        return AwsError(f"{doing} failed: {code}: {msg}", code=code, hint=hint)
+    if isinstance(exc, BotoCoreError):
+        return AwsError(f"{doing} failed: {exc}", code=type(exc).__name__,
+                        hint=hint or "check AWS_ENDPOINT_URL / network / credentials")
+    return AwsError(f"{doing} failed: {exc}", hint=hint)
+
+
+def parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 16) -> list[R]:
+    """Map ``fn`` over ``items`` in threads, keeping order and the call counter.
+
+    Exceptions propagate (the first one raised, after all calls finished).
+    """
+    items = list(items)
+    if not items:
+        return []
+    if len(items) == 1:
+        return [fn(items[0])]
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
+        return [f.result() for f in futures]
+
+
+def chunks(seq: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL")
+
+
+def account_and_partition(region: str) -> tuple[str, str]:
+    """Account id and partition of the caller (one STS call)."""
+    try:
+        arn = client("sts", region).get_caller_identity()["Arn"]
+    except (ClientError, BotoCoreError) as exc:
+        raise wrap(exc, "sts:GetCallerIdentity", "set AWS credentials (or run `runner-pool local start`)") from exc
+    parts = arn.split(":")
+    return parts[4], parts[1]

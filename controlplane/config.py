@@ -1,0 +1,329 @@
+"""Pool configuration: every input of a pool, typed, with its default.
+
+One model, :class:`PoolConfig`, is loaded from a YAML file (``pool.yaml``), from
+Pulumi stack config (camelCase keys are accepted everywhere) or from the copy
+``pool apply`` stores in the state table. All defaults live here and only here;
+the README's configuration reference is generated from this module.
+
+Defaults follow the reference implementation (idle 420 s, validation 180 s,
+heartbeat 5 s, running threshold 30 min, claim 5 min, deregistration wait
+120 s); where the reference had none (reuse cap, lifetime cap) we follow the
+peers (20 reuses as namecheap's fork, 24 h lifetime).
+
+Validation errors come out one line per problem: the field path, the bad value
+and what is allowed. :func:`load_config` raises :class:`ConfigErrors` with all
+of them so ``runner-pool config check`` can print every problem at once.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from controlplane.errors import ConfigError, ConfigErrors
+
+UsageClass = Literal["spot", "on-demand"]
+USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
+
+NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
+CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
+INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
+USER_DATA_LIMIT_BYTES = 16 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True,
+    )
+
+
+class Range(_Model):
+    """An inclusive integer range; ``max`` omitted means no upper bound."""
+
+    min: int = Field(ge=0, description="lower bound (inclusive)")
+    max: int | None = Field(default=None, ge=0, description="upper bound (inclusive); omit for none")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class Accelerators(_Model):
+    """Accelerator requirements (GPU/FPGA/inference), passed to InstanceRequirements."""
+
+    count: Range = Field(description="number of accelerators")
+    types: list[Literal["gpu", "fpga", "inference"]] = Field(default_factory=lambda: ["gpu"])
+    manufacturers: list[Literal["nvidia", "amd", "amazon-web-services", "xilinx"]] = Field(default_factory=list)
+
+
+class ResourceClass(_Model):
+    """What a runner of this class needs; EC2 picks any instance type that fits."""
+
+    vcpu: Range = Field(description="vCPU count range, e.g. {min: 4, max: 4}")
+    memory_mib: Range = Field(description="memory range in MiB, e.g. {min: 8192}")
+    instance_types: list[str] = Field(
+        default_factory=lambda: ["c*", "m*", "r*"],
+        description="allowed instance-type patterns (AllowedInstanceTypes), e.g. ['c7i.*', 'm*']",
+    )
+    burstable: bool = Field(default=False, description="allow burstable (t*) types")
+    accelerators: Accelerators | None = Field(default=None, description="optional accelerator requirements")
+
+    @field_validator("vcpu")
+    @classmethod
+    def _vcpu_positive(cls, v: Range) -> Range:
+        if v.min < 1:
+            raise ValueError(f"vcpu.min must be >= 1, got {v.min}")
+        return v
+
+    @field_validator("memory_mib")
+    @classmethod
+    def _memory_positive(cls, v: Range) -> Range:
+        if v.min < 512:
+            raise ValueError(f"memory_mib.min must be >= 512, got {v.min}")
+        return v
+
+    @field_validator("instance_types")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one pattern is required, e.g. ['c*', 'm*']")
+        if len(v) > 400:
+            raise ValueError("at most 400 patterns (EC2's AllowedInstanceTypes limit)")
+        bad = [p for p in v if not INSTANCE_TYPE_PATTERN_RE.match(p)]
+        if bad:
+            raise ValueError(f"invalid pattern(s) {bad}: use lowercase letters, digits, '.', '-' and '*'")
+        return v
+
+
+class GitHubConfig(_Model):
+    """Where runners register: one repository or one organization."""
+
+    repository: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", description="owner/repo for repository runners",
+    )
+    organization: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+$", description="organization for org runners",
+    )
+    url: str = Field(default="https://github.com", pattern=r"^https?://", description="web URL runners register against")
+    api_url: str = Field(default="https://api.github.com", pattern=r"^https?://", description="REST API base URL")
+    runner_version: str = Field(default="2.329.0", pattern=r"^\d+\.\d+\.\d+$", description="actions/runner release")
+    runner_sha256_x64: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                          description="checksum of the x64 runner tarball (checked when set)")
+    runner_sha256_arm64: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                            description="checksum of the arm64 runner tarball (checked when set)")
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> GitHubConfig:
+        if (self.repository is None) == (self.organization is None):
+            raise ValueError("set exactly one of github.repository (owner/repo) or github.organization")
+        return self
+
+    @property
+    def scope(self) -> str:
+        return self.repository or self.organization or ""
+
+
+class PoolConfig(_Model):
+    """A pool: its table, one queue per resource class, a launch template, a token."""
+
+    name: str = Field(pattern=NAME_RE, description="pool name: lowercase letters, digits, '-' (max 30)")
+    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$",
+                        description="AWS region, e.g. us-east-1")
+    github: GitHubConfig = Field(description="GitHub repository or organization")
+    resource_classes: dict[str, ResourceClass] = Field(description="resource classes by name (one queue each)")
+    subnets: list[str] = Field(description="subnet ids; CreateFleet gets one override per subnet")
+    ami: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$", description="AMI id like ami-0abc12345 (Amazon Linux 2023 or Ubuntu 22.04+)")
+    security_groups: list[str] = Field(default_factory=list, description="security group ids")
+    instance_profile: str = Field(pattern=r"^[\w+=,.@-]{1,128}$", description="IAM instance profile name")
+    usage_class: UsageClass = Field(default="on-demand", description="default usage class of created instances")
+    spot_fallback: bool = Field(default=True, description="on a spot shortfall, create the rest on-demand")
+    idle_time_s: int = Field(default=420, ge=30, le=7 * 86400, description="how long an idle runner waits in the pool")
+    max_runtime_s: int = Field(default=1800, ge=60, le=7 * 86400, description="how long a run may hold its runners")
+    max_reuse: int = Field(default=20, ge=0, le=10_000, description="runs an instance serves before it is terminated")
+    max_lifetime_s: int = Field(default=86400, ge=600, le=30 * 86400, description="age at which an instance is retired")
+    heartbeat_interval_s: int = Field(default=5, ge=1, le=60, description="agent heartbeat period")
+    heartbeat_stale_s: int = Field(default=15, ge=2, le=600, description="a heartbeat older than this is unhealthy")
+    validation_timeout_s: int = Field(default=180, ge=5, le=3600,
+                                      description="all-or-nothing: every runner registered within this")
+    claim_timeout_s: int = Field(default=300, ge=10, le=3600, description="deadline of the claimed and created states")
+    deregistration_timeout_s: int = Field(default=120, ge=5, le=3600,
+                                          description="wait for the agent to deregister on release")
+    lost_contact_s: int = Field(default=300, ge=30, le=86400,
+                                description="the agent shuts down after this long without reaching the table")
+    token_refresh_margin_s: int = Field(default=1800, ge=60, le=3300,
+                                        description="rotate runner tokens when less than this is left of their 1 h")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on instances and fleets")
+    pre_runner_script: str = Field(default="", description="bash run on each instance before the agent waits")
+    metrics_cloudwatch: bool = Field(default=False, description="publish provision/release metrics to CloudWatch")
+    metrics_namespace: str = Field(default="RunnerPool", description="CloudWatch namespace")
+
+    @field_validator("resource_classes")
+    @classmethod
+    def _classes(cls, v: dict[str, ResourceClass]) -> dict[str, ResourceClass]:
+        if not v:
+            raise ValueError("at least one resource class is required, e.g. {small: {vcpu: {min: 2}, memoryMib: {min: 4096}}}")
+        bad = [k for k in v if not re.match(CLASS_RE, k)]
+        if bad:
+            raise ValueError(f"invalid class name(s) {bad}: lowercase letters, digits and '-', max 30")
+        return v
+
+    @field_validator("subnets")
+    @classmethod
+    def _subnets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one subnet id is required, e.g. [subnet-0abc1234]")
+        bad = [s for s in v if not re.match(r"^subnet-[0-9a-f]{8,17}$", s)]
+        if bad:
+            raise ValueError(f"invalid subnet id(s) {bad}: expected subnet-<8 to 17 hex digits>")
+        if len(set(v)) != len(v):
+            raise ValueError("subnet ids must be unique")
+        return v
+
+    @field_validator("security_groups")
+    @classmethod
+    def _sgs(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if not re.match(r"^sg-[0-9a-f]{8,17}$", s)]
+        if bad:
+            raise ValueError(f"invalid security group id(s) {bad}: expected sg-<8 to 17 hex digits>")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if k.lower().startswith(("aws:", "runner-pool:"))]
+        if bad:
+            raise ValueError(f"tag keys {bad} are reserved (aws:, runner-pool:)")
+        return v
+
+    @model_validator(mode="after")
+    def _timings(self) -> PoolConfig:
+        if self.heartbeat_stale_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_stale_s ({self.heartbeat_stale_s}) must be greater than "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s})")
+        return self
+
+    # Names derived from the pool name: one place, used by every module.
+    @property
+    def table_name(self) -> str:
+        return f"runner-pool-{self.name}"
+
+    def queue_name(self, resource_class: str) -> str:
+        return f"runner-pool-{self.name}-{resource_class}"
+
+    def dlq_name(self, resource_class: str) -> str:
+        return f"runner-pool-{self.name}-{resource_class}-dlq"
+
+    @property
+    def launch_template_name(self) -> str:
+        return f"runner-pool-{self.name}"
+
+    @property
+    def token_parameter(self) -> str:
+        return f"/runner-pool/{self.name}/runner-tokens"
+
+    @property
+    def pool_label(self) -> str:
+        return f"runner-pool-{self.name}"
+
+    def resource_class(self, name: str) -> ResourceClass:
+        try:
+            return self.resource_classes[name]
+        except KeyError:
+            raise ConfigError(
+                f"resource class {name!r} is not in pool {self.name!r}",
+                hint=f"use one of: {', '.join(sorted(self.resource_classes))}",
+            ) from None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=False, exclude_none=True)
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem: ``field.path: got <value>: <what is allowed>``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+            continue
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field (check the spelling; see the configuration reference)")
+            continue
+        if err["type"] == "string_pattern_mismatch":
+            allowed = _field_description(err["loc"])
+            msg = f"not allowed; expected {allowed}" if allowed else msg
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{loc}: got {shown}: {msg}")
+    return lines
+
+
+def _field_description(loc: tuple[Any, ...]) -> str:
+    """The description of the field at ``loc`` (aliases or names), walking nested models."""
+    model: Any = PoolConfig
+    desc = ""
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            model = None
+            continue
+        fields = {**model.model_fields, **{f.alias: f for f in model.model_fields.values() if f.alias}}
+        field = fields.get(str(part))
+        if field is None:
+            return desc
+        desc = field.description or ""
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None and args:
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return desc
+
+
+def parse_config(data: Any, source: str = "config") -> PoolConfig:
+    if not isinstance(data, dict):
+        raise ConfigErrors([f"{source}: expected a mapping of pool settings, got {type(data).__name__}"])
+    try:
+        return PoolConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigErrors(format_validation_error(exc), hint=f"fix {source}") from exc
+
+
+def load_config(path: str | Path) -> PoolConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found", hint="pass --config with a pool.yaml (see examples/pool.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigErrors([f"{p}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    return parse_config(data, str(p))
+
+
+def with_env_overrides(cfg: PoolConfig) -> PoolConfig:
+    """Point GitHub URLs at the local stand-in when ``runner-pool local env`` says so.
+
+    ``RUNNER_POOL_GITHUB_URL`` / ``RUNNER_POOL_GITHUB_API_URL`` replace the
+    config's ``github.url`` / ``github.api_url``; nothing else in a config
+    changes between the embedded default and real GitHub.
+    """
+    import os
+
+    url = os.environ.get("RUNNER_POOL_GITHUB_URL")
+    api = os.environ.get("RUNNER_POOL_GITHUB_API_URL")
+    if not url and not api:
+        return cfg
+    gh = cfg.github.model_copy(update={k: v for k, v in (("url", url), ("api_url", api)) if v})
+    return cfg.model_copy(update={"github": gh})

@@ -1,0 +1,1 @@
+"""The embedded default: AWS emulator, GitHub stand-in, IMDS stand-in and instance simulator."""

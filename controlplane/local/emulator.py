@@ -1,0 +1,409 @@
+"""The local AWS emulator: moto's server on 127.0.0.1 with three fixes.
+
+moto is the AWS the embedded default runs against, over HTTP, with the same
+boto3 code that talks to real AWS. Stock moto has gaps that would make our
+tests lie, so this module wraps it (see ../shared/notes/moto.md for the
+probes behind each fix):
+
+1. **Atomic conditional writes.** moto's threaded server handles each request
+   in its own thread and ``update_item`` checks then writes with no lock, so two
+   concurrent claims of one idle row could both win. A WSGI middleware holds
+   one lock around every request (except SQS long polls, which would stall
+   everything).
+2. **CreateFleet with InstanceRequirements.** moto ignores attribute-based
+   selection (and fails without an InstanceType). The fleet shim resolves each
+   override's requirements to the smallest current-generation type moto knows
+   that fits, honours capacity faults per type/subnet/lifecycle, spreads the
+   capacity over overrides in priority order and returns per-override
+   ``Errors`` as EC2 does.
+3. **Fault injection**, switchable at run time through ``/_emulator/*``
+   endpoints: AWS-shaped error responses (throttling, 5xx) per operation by
+   count or probability, latency per operation, and EC2 capacity shortfalls.
+
+It also counts requests per ``service.Operation`` (``GET
+/_emulator/requests``), which tests use to prove that bad input changed
+nothing in AWS.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import io
+import json
+import logging
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import parse_qs
+
+MUTATING_PREFIXES = (
+    "Create", "Put", "Update", "Delete", "Terminate", "Run", "Send", "Modify", "BatchWrite", "TransactWrite",
+    "Change", "Purge", "Set", "Tag", "Untag", "Attach", "Add", "Remove", "Associate", "Request", "Stop", "Start",
+)
+_CRED_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+
+
+class Faults:
+    """Error rules: ``{"op", "service"?, "status", "code", "message"?, "count"? | "prob"?}``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rules: list[dict[str, Any]] = []
+        self.latency: dict[str, float] = {}
+        self.capacity: list[dict[str, Any]] = []
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+            self.latency.clear()
+            self.capacity.clear()
+
+    def match(self, service: str, op: str) -> dict[str, Any] | None:
+        with self.lock:
+            for r in self.rules:
+                if r.get("op") not in (op, "*") or r.get("service", service) != service:
+                    continue
+                if "count" in r and r["count"] is not None:
+                    if r["count"] <= 0:
+                        continue
+                    r["count"] -= 1
+                    return dict(r)
+                if random.random() < float(r.get("prob", 1.0)):
+                    return dict(r)
+        return None
+
+    def delay_for(self, op: str) -> float:
+        with self.lock:
+            return self.latency.get(op, self.latency.get("*", 0.0))
+
+
+FAULTS = Faults()
+
+
+class Requests:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            counts = dict(self.counts)
+        mutations = sum(n for k, n in counts.items() if k.split(".", 1)[-1].startswith(MUTATING_PREFIXES))
+        return {"counts": counts, "total": sum(counts.values()), "mutations": mutations}
+
+    def reset(self) -> None:
+        with self.lock:
+            self.counts.clear()
+
+
+REQUESTS = Requests()
+# Held around every moto request; the simulator takes it too when it reads moto's models.
+BACKEND_LOCK = threading.RLock()
+
+# Extra control endpoints other parts of the embedded default hang here (the simulator's):
+# (METHOD, path) -> handler(json body) -> (http status, json payload).
+CONTROL_HOOKS: dict[tuple[str, str], Any] = {}
+
+
+def _json_response(start_response: Any, status: str, payload: Any) -> list[bytes]:
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class Middleware:
+    """Lock, faults, latency and request counting in front of moto's WSGI app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_emulator/"):
+            return self._control(environ, start_response, path)
+        target = environ.get("HTTP_X_AMZ_TARGET") or ""
+        n = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(n) if n else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        if target:
+            op = target.split(".")[-1]
+        else:
+            try:
+                op = (parse_qs(body.decode()).get("Action") or [""])[0]
+            except UnicodeDecodeError:
+                op = ""
+            if not op:
+                op = (parse_qs(environ.get("QUERY_STRING", "")).get("Action") or [""])[0]
+        m = _CRED_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        service = m.group(1) if m else ""
+        if op:
+            REQUESTS.add(f"{service}.{op}")
+            delay = FAULTS.delay_for(op)
+            if delay:
+                time.sleep(delay)
+            rule = FAULTS.match(service, op)
+            if rule:
+                return self._fault(start_response, rule, json_protocol=bool(target))
+        if op == "ReceiveMessage":           # never hold the lock across an SQS long poll
+            return self.app(environ, start_response)
+        with BACKEND_LOCK:
+            return [b"".join(self.app(environ, start_response))]
+
+    @staticmethod
+    def _fault(start_response: Any, r: dict[str, Any], json_protocol: bool) -> list[bytes]:
+        code, msg = r["code"], r.get("message", r["code"])
+        if json_protocol:
+            payload = json.dumps({"__type": code, "message": msg}).encode()
+            headers = [("Content-Type", "application/x-amz-json-1.0"), ("x-amzn-query-error", f"{code};Sender")]
+        else:
+            payload = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+                       f"<Message>{msg}</Message></Error></Errors><RequestID>emulator-fault</RequestID></Response>"
+                       ).encode()
+            headers = [("Content-Type", "text/xml")]
+        start_response(f"{int(r.get('status', 400))} Fault", headers + [("Content-Length", str(len(payload)))])
+        return [payload]
+
+    def _control(self, environ: dict[str, Any], start_response: Any, path: str) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        n = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(n) if n else b""
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            return _json_response(start_response, "400 Bad Request", {"error": "body must be JSON"})
+        if path == "/_emulator/faults" and method == "POST":
+            if "op" not in data or "code" not in data:
+                return _json_response(start_response, "400 Bad Request", {"error": "need op and code"})
+            with FAULTS.lock:
+                FAULTS.rules.append(data)
+            return _json_response(start_response, "200 OK", {"rules": len(FAULTS.rules)})
+        if path == "/_emulator/faults" and method == "DELETE":
+            FAULTS.clear()
+            return _json_response(start_response, "200 OK", {"cleared": True})
+        if path == "/_emulator/latency" and method == "POST":
+            with FAULTS.lock:
+                FAULTS.latency[data.get("op", "*")] = float(data.get("seconds", 0))
+            return _json_response(start_response, "200 OK", {"latency": FAULTS.latency})
+        if path == "/_emulator/capacity" and method == "POST":
+            with FAULTS.lock:
+                FAULTS.capacity.append(data)
+            return _json_response(start_response, "200 OK", {"capacity_rules": len(FAULTS.capacity)})
+        if path == "/_emulator/requests" and method == "GET":
+            return _json_response(start_response, "200 OK", REQUESTS.snapshot())
+        if path == "/_emulator/requests" and method == "DELETE":
+            REQUESTS.reset()
+            return _json_response(start_response, "200 OK", {"reset": True})
+        hook = CONTROL_HOOKS.get((method, path))
+        if hook is not None:
+            try:
+                status, payload = hook(data)
+            except Exception as exc:  # a control call must answer, whatever went wrong
+                status, payload = 500, {"error": f"{type(exc).__name__}: {exc}"}
+            return _json_response(start_response, f"{status} X", payload)
+        if path == "/_emulator/health":
+            return _json_response(start_response, "200 OK", {"ok": True})
+        return _json_response(start_response, "404 Not Found", {"error": f"no control endpoint {method} {path}"})
+
+
+# ---------------------------------------------------------------- CreateFleet shim
+
+def _types_for(req: dict[str, Any]) -> list[str]:
+    """Instance types moto knows that satisfy InstanceRequirements, best first."""
+    from moto.ec2.models.instance_types import INSTANCE_TYPES
+
+    allow = req.get("AllowedInstanceTypes") or ["*"]
+    excl = req.get("ExcludedInstanceTypes") or []
+    vcpu, mem = req.get("VCpuCount") or {}, req.get("MemoryMiB") or {}
+    acc = req.get("AcceleratorCount")
+    burst = req.get("BurstablePerformance", "excluded")
+    found = []
+    for name, spec in INSTANCE_TYPES.items():
+        if not any(fnmatch.fnmatch(name, p) for p in allow) or any(fnmatch.fnmatch(name, p) for p in excl):
+            continue
+        cpus = spec["VCpuInfo"]["DefaultVCpus"]
+        mib = spec["MemoryInfo"]["SizeInMiB"]
+        if not (int(vcpu.get("Min", 0)) <= cpus <= int(vcpu.get("Max", 10**6))):
+            continue
+        if not (int(mem.get("Min", 0)) <= mib <= int(mem.get("Max", 10**9))):
+            continue
+        if burst == "excluded" and spec.get("BurstablePerformanceSupported"):
+            continue
+        if burst == "required" and not spec.get("BurstablePerformanceSupported"):
+            continue
+        gpus = sum(g.get("Count", 0) for g in (spec.get("GpuInfo") or {}).get("Gpus", []))
+        if acc is not None and not (int(acc.get("Min", 0)) <= gpus <= int(acc.get("Max", 10**6))):
+            continue
+        if acc is None and gpus:
+            continue
+        found.append((not spec.get("CurrentGeneration", True), cpus, mib, name))
+    return [n for *_, n in sorted(found)]
+
+
+def _capacity_for(instance_type: str, subnet: str | None, lifecycle: str) -> float:
+    """How many instances a (type, subnet, lifecycle) can supply under the capacity rules."""
+    cap = float("inf")
+    with FAULTS.lock:
+        for rule in FAULTS.capacity:
+            if rule.get("count") is not None and rule["count"] <= 0:
+                continue
+            if rule.get("instance_types") and not any(fnmatch.fnmatch(instance_type, p) for p in rule["instance_types"]):
+                continue
+            if rule.get("subnets") and subnet not in rule["subnets"]:
+                continue
+            if rule.get("lifecycle") and rule["lifecycle"] != lifecycle:
+                continue
+            cap = min(cap, float(rule.get("available", 0)))
+    return cap
+
+
+def _consume_capacity_rules() -> None:
+    with FAULTS.lock:
+        for rule in FAULTS.capacity:
+            if rule.get("count") is not None and rule["count"] > 0:
+                rule["count"] -= 1
+
+
+_tls = threading.local()
+
+
+def install_fleet_shim() -> None:
+    from moto.ec2.models import fleets as fm
+    from moto.ec2.responses import fleets as fr
+
+    if getattr(fm.FleetsBackend.create_fleet, "_runner_pool_shim", False):
+        return
+    original_create = fm.FleetsBackend.create_fleet
+    original_response = fr.Fleets.create_fleet
+
+    def create_fleet(self: Any, on_demand_options: Any, spot_options: Any, target_capacity_specification: Any,
+                     launch_template_configs: Any, *args: Any, **kwargs: Any) -> Any:
+        tcs = dict(target_capacity_specification or {})
+        lifecycle = tcs.get("DefaultTargetCapacityType") or "on-demand"
+        need = int(tcs.get("TotalTargetCapacity", 0))
+        if spot_options and "AllocationStrategy" not in spot_options:
+            spot_options = {**spot_options, "AllocationStrategy": "lowest-price"}
+        configs = [dict(c) for c in (launch_template_configs or [])]
+        plan: list[tuple[int, int]] = []          # (launch spec index, count)
+        errors: list[dict[str, Any]] = []
+        index = 0
+        for cfg in configs:
+            overrides = [dict(o) for o in (cfg.get("Overrides") or [{}])]
+            for o in overrides:
+                chosen, why = None, "UnfulfillableCapacity"
+                req = o.get("InstanceRequirements")
+                candidates = _types_for(req) if req else ([o["InstanceType"]] if "InstanceType" in o else [])
+                cap = 0.0
+                for t in candidates:
+                    c = _capacity_for(t, o.get("SubnetId"), lifecycle)
+                    if c > 0:
+                        chosen, cap = t, c
+                        break
+                    why = "InsufficientInstanceCapacity"
+                o["InstanceType"] = chosen or (candidates[0] if candidates else "m5.large")
+                if need > 0:
+                    if chosen is None:
+                        errors.append({
+                            "LaunchTemplateAndOverrides": {
+                                "LaunchTemplateSpecification": cfg.get("LaunchTemplateSpecification", {}),
+                                "Overrides": {k: v for k, v in o.items() if k != "InstanceType"} if req else o},
+                            "Lifecycle": lifecycle, "ErrorCode": why,
+                            "ErrorMessage": ("There is no capacity for the requested instance requirements in this "
+                                             "subnet (emulator fault)." if why == "InsufficientInstanceCapacity"
+                                             else "No instance type matches the instance requirements."),
+                        })
+                    else:
+                        take = int(min(need, cap))
+                        plan.append((index, take))
+                        need -= take
+                index += 1
+            cfg["Overrides"] = overrides
+        _consume_capacity_rules()
+        empty = {**tcs, "TotalTargetCapacity": 0, "OnDemandTargetCapacity": 0, "SpotTargetCapacity": 0}
+        fleet = original_create(self, on_demand_options, spot_options, empty, configs, *args, **kwargs)
+        specs = list(fleet.launch_specs)
+        for spec_index, count in plan:
+            if count <= 0:
+                continue
+            fleet.launch_specs = [specs[spec_index]]
+            if lifecycle == "spot":
+                fleet.create_spot_requests(count)
+            else:
+                fleet.create_on_demand_requests(count)
+        fleet.launch_specs = specs
+        fleet.target_capacity = int(tcs.get("TotalTargetCapacity", 0))
+        _tls.errors = errors
+        return fleet
+
+    def create_fleet_response(self: Any) -> Any:
+        _tls.errors = []
+        result = original_response(self)
+        if getattr(_tls, "errors", None):
+            result.result["Errors"] = _tls.errors
+        # EC2 groups instances of one type/override/lifecycle into one entry; moto lists one per
+        # instance. Both shapes are valid to a client that flattens, which ours does.
+        return result
+
+    create_fleet._runner_pool_shim = True  # type: ignore[attr-defined]
+    fm.FleetsBackend.create_fleet = create_fleet
+    fr.Fleets.create_fleet = create_fleet_response
+
+
+# ---------------------------------------------------------------- server
+
+class Emulator:
+    """moto's server with the fixes above, on 127.0.0.1 in a thread of this process."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Emulator:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        install_fleet_shim()
+        app = Middleware(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="aws-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m controlplane.local.emulator")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    emu = Emulator(args.port).start()
+    print(json.dumps({"url": emu.url}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    emu.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The pool: one SQS queue (plus a dead-letter queue) per resource class.
+
+A message says "this idle instance can be claimed". The queue is only a hint:
+the claim (a conditional write in the state table) decides, so duplicates and
+stale messages are harmless. Rules that follow from that:
+
+* receive in batches of up to 10 with long polling (the reference's 1-message
+  short polls could report an empty queue that was not empty);
+* a message is deleted only once the claim it led to is decided: won, or lost
+  because the row moved on (stale). Valid messages a provision did not need go
+  back at once (visibility 0) for the next consumer;
+* a body that cannot be parsed is deleted on sight; messages received more
+  than ``MAX_RECEIVES`` times move to the DLQ, which refresh re-drives.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from controlplane import aws
+from controlplane.config import PoolConfig
+from controlplane.errors import ConfigError
+
+VISIBILITY_TIMEOUT_S = 60          # a crashed provisioner's messages reappear after this
+RETENTION_S = 14 * 86400           # SQS maximum; idle rows expire long before
+MAX_RECEIVES = 10
+LONG_POLL_S = 1                    # first receive of a provision waits this long on an empty queue
+
+
+@dataclass(frozen=True)
+class PoolMessage:
+    instance_id: str
+    resource_class: str
+    instance_type: str
+    usage_class: str
+    enqueued_at: float
+    receipt: str = field(default="", compare=False)
+
+    def body(self) -> str:
+        return json.dumps({"instance_id": self.instance_id, "resource_class": self.resource_class,
+                           "instance_type": self.instance_type, "usage_class": self.usage_class,
+                           "enqueued_at": self.enqueued_at})
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any]) -> PoolMessage | None:
+        try:
+            b = json.loads(msg["Body"])
+            return cls(str(b["instance_id"]), str(b["resource_class"]), str(b["instance_type"]),
+                       str(b["usage_class"]), float(b["enqueued_at"]), msg["ReceiptHandle"])
+        except (KeyError, ValueError, TypeError):
+            return None
+
+
+def ensure_queues(cfg: PoolConfig) -> dict[str, str]:
+    """Create (or keep) each class's queue and DLQ. Returns class -> queue URL."""
+    sqs = aws.client("sqs", cfg.region)
+    urls = {}
+    for cls in cfg.resource_classes:
+        tags = {"runner-pool:pool": cfg.name, "runner-pool:class": cls}
+        try:
+            dlq_url = sqs.create_queue(QueueName=cfg.dlq_name(cls), tags=tags,
+                                       Attributes={"MessageRetentionPeriod": str(RETENTION_S)})["QueueUrl"]
+            dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            attrs = {
+                "VisibilityTimeout": str(VISIBILITY_TIMEOUT_S),
+                "MessageRetentionPeriod": str(RETENTION_S),
+                "ReceiveMessageWaitTimeSeconds": str(LONG_POLL_S),
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVES)}),
+            }
+            try:
+                url = sqs.create_queue(QueueName=cfg.queue_name(cls), Attributes=attrs, tags=tags)["QueueUrl"]
+            except ClientError as exc:
+                if aws.error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
+                    raise
+                url = sqs.get_queue_url(QueueName=cfg.queue_name(cls))["QueueUrl"]
+                sqs.set_queue_attributes(QueueUrl=url, Attributes=attrs)
+        except ClientError as exc:
+            raise aws.wrap(exc, f"sqs:CreateQueue for class {cls}") from exc
+        urls[cls] = url
+    return urls
+
+
+def pool_queues(cfg: PoolConfig) -> dict[str, str]:
+    """Every class queue this pool has in SQS (by tag), configured or not."""
+    sqs = aws.client("sqs", cfg.region)
+    found = {}
+    prefix = f"runner-pool-{cfg.name}-"
+    for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=prefix):
+        for url in page.get("QueueUrls", []):
+            if url.endswith("-dlq"):
+                continue
+            try:
+                tags = sqs.list_queue_tags(QueueUrl=url).get("Tags", {})
+            except ClientError:
+                continue
+            if tags.get("runner-pool:pool") == cfg.name and "runner-pool:class" in tags:
+                found[tags["runner-pool:class"]] = url
+    return found
+
+
+def queue_url(cfg: PoolConfig, resource_class: str) -> str:
+    sqs = aws.client("sqs", cfg.region)
+    try:
+        return str(sqs.get_queue_url(QueueName=cfg.queue_name(resource_class))["QueueUrl"])
+    except ClientError as exc:
+        if aws.error_code(exc) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            raise ConfigError(f"queue for class {resource_class!r} of pool {cfg.name!r} does not exist",
+                              hint="run `runner-pool pool apply` or `runner-pool refresh`") from exc
+        raise aws.wrap(exc, "sqs:GetQueueUrl") from exc
+
+
+def dlq_url(cfg: PoolConfig, resource_class: str) -> str | None:
+    sqs = aws.client("sqs", cfg.region)
+    try:
+        return str(sqs.get_queue_url(QueueName=cfg.dlq_name(resource_class))["QueueUrl"])
+    except ClientError:
+        return None
+
+
+def delete_queue(region: str, url: str) -> None:
+    sqs = aws.client("sqs", region)
+    try:
+        sqs.delete_queue(QueueUrl=url)
+    except ClientError as exc:
+        if aws.error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            raise aws.wrap(exc, "sqs:DeleteQueue") from exc
+
+
+def send(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
+    sqs = aws.client("sqs", region)
+    for chunk in aws.chunks(list(messages), 10):
+        entries = [{"Id": str(i), "MessageBody": m.body()} for i, m in enumerate(chunk)]
+        try:
+            resp = sqs.send_message_batch(QueueUrl=url, Entries=entries)
+        except ClientError as exc:
+            raise aws.wrap(exc, "sqs:SendMessageBatch") from exc
+        if resp.get("Failed"):
+            codes = sorted({f.get("Code", "?") for f in resp["Failed"]})
+            raise aws.AwsError(f"SQS refused {len(resp['Failed'])} message(s): {', '.join(codes)}")
+
+
+def receive(region: str, url: str, max_messages: int, wait_s: int) -> list[PoolMessage]:
+    """Up to ``max_messages`` (<= 10) messages; waits up to ``wait_s`` on an empty queue."""
+    sqs = aws.client("sqs", region)
+    try:
+        raw = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=max(1, min(10, max_messages)),
+                                  WaitTimeSeconds=wait_s).get("Messages", [])
+    except ClientError as exc:
+        raise aws.wrap(exc, "sqs:ReceiveMessage") from exc
+    out, poison = [], []
+    for m in raw:
+        parsed = PoolMessage.parse(m)
+        if parsed is None:
+            poison.append(m["ReceiptHandle"])
+        else:
+            out.append(parsed)
+    if poison:
+        _delete_handles(sqs, url, poison)
+    return out
+
+
+def delete(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
+    handles = [m.receipt for m in messages if m.receipt]
+    if handles:
+        _delete_handles(aws.client("sqs", region), url, handles)
+
+
+def _delete_handles(sqs: Any, url: str, handles: list[str]) -> None:
+    for chunk in aws.chunks(handles, 10):
+        try:
+            sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": h}
+                                                            for i, h in enumerate(chunk)])
+        except ClientError as exc:
+            raise aws.wrap(exc, "sqs:DeleteMessageBatch") from exc
+
+
+def give_back(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
+    """Make received messages visible again at once (not needed by this provision)."""
+    handles = [m.receipt for m in messages if m.receipt]
+    sqs = aws.client("sqs", region)
+    for chunk in aws.chunks(handles, 10):
+        try:
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
+                {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)])
+        except ClientError as exc:
+            raise aws.wrap(exc, "sqs:ChangeMessageVisibilityBatch") from exc
+
+
+def drain(region: str, url: str, max_rounds: int = 1000) -> list[PoolMessage]:
+    """Receive and delete everything visible in a queue (bounded)."""
+    got: list[PoolMessage] = []
+    for _ in range(max_rounds):
+        batch = receive(region, url, 10, 0)
+        if not batch:
+            break
+        delete(region, url, batch)
+        got.extend(batch)
+    return got
+
+
+def depth(region: str, url: str) -> dict[str, int]:
+    sqs = aws.client("sqs", region)
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return {"visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
+            "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))}

@@ -1,0 +1,221 @@
+"""Provision: hand a run N registered runners carrying its label, or nothing.
+
+Phases, each its own module, each taking and returning records:
+
+1. **selection** claims idle runners from the class's pool queue;
+2. **creation** launches the rest with one CreateFleet (two with spot fallback);
+3. **validation** waits until every member, claimed and created, is
+   registered for the run and heartbeating (all or nothing);
+4. **finalize** commits the set to ``running``, or rolls it back (claimed
+   runners return to the pool after their agents deregister; created and
+   unhealthy ones are terminated). Any exception takes the emergency path:
+   everything the provision touched is terminated and the error re-raised
+   with what was cleaned up.
+
+The run label is the run id: runners register with ``--labels <run id>`` and
+jobs target ``runs-on: <label>``. A run id can hold one live fleet at a time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane import aws, metrics, store
+from controlplane.clock import SYSTEM_CLOCK, Clock
+from controlplane.config import USAGE_CLASSES
+from controlplane.errors import ConfigError, RunnerPoolError
+from controlplane.logs import QUIET, Progress, event
+from controlplane.provision import creation, finalize, selection, validation
+from controlplane.records import LIVE_STATES, Member, State
+from controlplane.store import Pool
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    run_id: str
+    resource_class: str
+    count: int
+    usage_class: str | None = None          # None: take any from the pool, create with the pool's default
+    validation_timeout_s: float | None = None
+
+
+@dataclass
+class ProvisionResult:
+    ok: bool
+    run_id: str
+    label: str
+    resource_class: str
+    usage_class: str
+    instances: list[Member] = field(default_factory=list)
+    reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    api_calls: dict[str, int] = field(default_factory=dict)
+    fleet_calls: int = 0
+    capacity_errors: dict[str, int] = field(default_factory=dict)
+    cleanup: finalize.Cleanup = field(default_factory=finalize.Cleanup)
+    from_pool: int = 0
+    created: int = 0
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return [m.instance_id for m in self.instances]
+
+    @property
+    def pool_hit_rate(self) -> float:
+        total = self.from_pool + self.created
+        return round(self.from_pool / total, 3) if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        n = max(1, len(self.instances) or self.from_pool + self.created)
+        return {
+            "ok": self.ok, "run_id": self.run_id, "label": self.label, "resource_class": self.resource_class,
+            "usage_class": self.usage_class,
+            "instances": [{"id": m.instance_id, "source": m.source, "instance_type": m.instance_type,
+                           "subnet": m.subnet_id, "usage_class": m.usage_class} for m in self.instances],
+            "timings": self.timings, "reason": self.reason or None,
+            "cleanup": {"terminated": self.cleanup.terminated, "returned_to_pool": self.cleanup.returned_to_pool,
+                        "failed": self.cleanup.failed},
+            "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "created": self.created,
+            "api_calls": self.api_calls, "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
+            "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
+        }
+
+    def summary(self) -> str:
+        if self.ok:
+            lines = [f"provisioned {len(self.instances)} runner(s) for run {self.run_id} "
+                     f"(label {self.label}): {self.from_pool} from the pool, {self.created} created, "
+                     f"{self.timings.get('total', 0):.1f} s"]
+            lines += [f"  {m.instance_id}  {m.source:<7}  {m.instance_type:<12}  {m.subnet_id}" for m in self.instances]
+            lines.append(f'runs-on: "{self.label}"')
+            return "\n".join(lines)
+        c = self.cleanup
+        return (f"provision of run {self.run_id} failed: {self.reason}\n"
+                f"  rolled back: {len(c.terminated)} terminated ({', '.join(c.terminated) or 'none'}), "
+                f"{len(c.returned_to_pool)} returned to the pool ({', '.join(c.returned_to_pool) or 'none'})"
+                + (f", {len(c.failed)} left for reconcile ({', '.join(c.failed)})" if c.failed else ""))
+
+
+def check_request(pool: Pool, req: ProvisionRequest) -> str:
+    """Validate before any AWS change; returns the usage class to create with."""
+    pool.config.resource_class(req.resource_class)
+    if req.count < 1:
+        raise ConfigError(f"count {req.count} is not valid", hint="ask for at least 1 runner")
+    if req.usage_class is not None and req.usage_class not in USAGE_CLASSES:
+        raise ConfigError(f"usage class {req.usage_class!r} is not valid", hint="use spot or on-demand")
+    live = [r for r in store.run_records(pool, req.run_id) if r.state in LIVE_STATES]
+    if live:
+        raise ConfigError(
+            f"run id {req.run_id!r} already holds {len(live)} instance(s) "
+            f"({', '.join(sorted({str(r.state) for r in live}))})",
+            hint=f"release it first (`runner-pool release --pool {pool.name} --run-id {req.run_id}`) "
+                 "or use a new run id")
+    return req.usage_class or pool.config.usage_class
+
+
+def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
+              clock: Clock = SYSTEM_CLOCK) -> ProvisionResult:
+    usage = check_request(pool, req)
+    counter = aws.CallCounter()
+    token = aws.counting(counter)
+    started = time.monotonic()
+    res = ProvisionResult(False, req.run_id, req.run_id, req.resource_class, usage)
+    touched: list[str] = []
+    claimed: list[Member] = []
+    created: list[Member] = []
+    unhealthy: list[Member] = []
+
+    def lap(name: str, since: float) -> float:
+        now = time.monotonic()
+        res.timings[name] = round(now - since, 3)
+        return now
+
+    try:
+        t = time.monotonic()
+        progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
+        sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock)
+        claimed, unhealthy = sel.claimed, sel.unhealthy
+        touched += [m.instance_id for m in claimed + unhealthy]
+        t = lap("selection", t)
+        missing = req.count - len(claimed)
+        progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
+        progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
+        cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched)
+        created = cr.members
+        res.fleet_calls, res.capacity_errors = cr.fleet_calls, cr.errors_by_code
+        t = lap("creation", t)
+        res.from_pool, res.created = len(claimed), len(created)
+        members = claimed + created
+        if cr.shortfall:
+            codes = ", ".join(f"{k} x{v}" for k, v in sorted(cr.errors_by_code.items())) or "no error given"
+            res.reason = (f"EC2 could not supply {cr.shortfall} of {missing} instance(s) ({codes})"
+                          + ("; on-demand fallback was tried" if cr.fell_back else ""))
+            progress.phase(f"      {res.reason}")
+            return _fail(pool, req, res, claimed, created + unhealthy, progress, clock, counter, token, started)
+        timeout = req.validation_timeout_s or pool.config.validation_timeout_s
+        progress.phase(f"[3/4] validation: {len(members)} runner(s) must register for {req.run_id} "
+                       f"within {timeout:.0f} s")
+        val = validation.validate(pool, req.run_id, members, timeout, progress, clock)
+        t = lap("validation", t)
+        if not val.ok:
+            res.reason = _validation_reason(val, len(members), timeout)
+            progress.phase(f"      {res.reason}")
+            healthy_claimed = [m for m in claimed if m.instance_id in val.healthy and m.instance_id not in val.failed]
+            doomed = created + unhealthy + [m for m in claimed if m not in healthy_claimed]
+            return _fail(pool, req, res, healthy_claimed, doomed, progress, clock, counter, token, started)
+        progress.phase(f"[4/4] commit: {len(members)} runner(s) to running")
+        lost = finalize.commit(pool, req.run_id, members, clock)
+        lap("commit", t)
+        if lost:
+            res.reason = f"{len(lost)} instance(s) changed state before commit ({', '.join(lost)})"
+            committed = [m for m in members if m.instance_id not in lost]
+            cleanup = finalize.return_to_pool(pool, req.run_id, committed, State.RUNNING, progress, clock)
+            cleanup.merge(finalize.terminate(pool, [(i, State.TERMINATED, None) for i in lost], clock))
+            res.cleanup = cleanup
+            return _finish(res, counter, token, started, pool.config)
+        if unhealthy:
+            res.cleanup = finalize.terminate(pool, [(m.instance_id, State.CLAIMED, req.run_id) for m in unhealthy], clock)
+        res.ok = True
+        res.instances = members
+        return _finish(res, counter, token, started, pool.config)
+    except BaseException as exc:
+        cleanup = finalize.emergency(pool, req.run_id, touched, clock)
+        res.cleanup = cleanup
+        _finish(res, counter, token, started, pool.config)
+        event("provision.emergency", run_id=req.run_id, error=str(exc), terminated=cleanup.terminated)
+        if isinstance(exc, RunnerPoolError):
+            exc.message += (f"; emergency cleanup terminated {len(cleanup.terminated)} instance(s)"
+                            + (f", {len(cleanup.failed)} left for reconcile" if cleanup.failed else ""))
+        raise
+
+
+def _validation_reason(val: validation.ValidationResult, n: int, timeout: float) -> str:
+    if val.failed:
+        first = sorted(val.failed.items())[:3]
+        return (f"{len(val.failed)} of {n} runner(s) failed validation: "
+                + "; ".join(f"{i}: {why}" for i, why in first))
+    missing = n - len(val.ready)
+    return f"only {len(val.ready)} of {n} runner(s) registered within {timeout:.0f} s ({missing} missing)"
+
+
+def _fail(pool: Pool, req: ProvisionRequest, res: ProvisionResult, healthy_claimed: list[Member],
+          doomed: list[Member], progress: Progress, clock: Clock, counter: aws.CallCounter,
+          token: Any, started: float) -> ProvisionResult:
+    t = time.monotonic()
+    progress.phase(f"[4/4] rollback: {len(healthy_claimed)} back to the pool, {len(doomed)} to terminate")
+    res.cleanup = finalize.rollback(pool, req.run_id, healthy_claimed, doomed, progress, clock)
+    res.timings["rollback"] = round(time.monotonic() - t, 3)
+    return _finish(res, counter, token, started, pool.config)
+
+
+def _finish(res: ProvisionResult, counter: aws.CallCounter, token: Any, started: float,
+            cfg: Any = None) -> ProvisionResult:
+    res.timings["total"] = round(time.monotonic() - started, 3)
+    res.api_calls = counter.by_service()
+    aws.stop_counting(token)
+    event("provision.done", run_id=res.run_id, ok=res.ok, instance_ids=res.instance_ids, reason=res.reason,
+          duration_s=res.timings["total"], pool_hit_rate=res.pool_hit_rate, api_calls=res.api_calls,
+          capacity_errors=res.capacity_errors, terminated=res.cleanup.terminated,
+          returned=res.cleanup.returned_to_pool)
+    metrics.publish_provision(res, cfg)
+    return res

@@ -1,0 +1,120 @@
+"""Selection: claim idle runners from the class's pool queue.
+
+Input: the pool, the run, how many runners are wanted. Output: the instances
+this run now holds in ``claimed`` (healthy at claim time), the unhealthy ones
+it claimed and must terminate, and counts of what it saw.
+
+How: receive up to 10 messages at a time (the first receive long-polls
+briefly, later ones don't wait); claim every candidate in parallel with the
+conditional idle->claimed write; delete each message once its claim is
+decided (won, or lost because the row moved on: a stale message); give back
+at once the valid messages this run did not need. Claimed instances are
+checked in one batch read: a stale heartbeat (or a failure signal) means the
+instance is terminated and another candidate is taken, without waiting on the
+others. The loop ends when enough are claimed, the queue is empty, or the
+deadline passes; whatever is missing is left to creation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane import aws, pool as pool_q, store
+from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
+from controlplane.logs import event
+from controlplane.pool import PoolMessage
+from controlplane.records import Member, State
+from controlplane.state import transition
+from controlplane.store import Pool
+
+SELECTION_TIMEOUT_S = 20
+
+
+@dataclass
+class SelectionResult:
+    claimed: list[Member] = field(default_factory=list)
+    unhealthy: list[Member] = field(default_factory=list)
+    received: int = 0
+    stale_dropped: int = 0
+    lost_races: int = 0
+    given_back: int = 0
+
+
+def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
+           clock: Clock = SYSTEM_CLOCK) -> SelectionResult:
+    res = SelectionResult()
+    if count <= 0:
+        return res
+    cfg = pool.config
+    url = pool_q.queue_url(cfg, resource_class)
+    deadline = Deadline(SELECTION_TIMEOUT_S, clock)
+    first = True
+    while len(res.claimed) < count and not deadline.expired:
+        want = count - len(res.claimed)
+        msgs = pool_q.receive(cfg.region, url, min(10, want), pool_q.LONG_POLL_S if first else 0)
+        first = False
+        if not msgs:
+            break
+        res.received += len(msgs)
+        candidates: list[PoolMessage] = []
+        drop: list[PoolMessage] = []                # duplicate delivery, or a message in the wrong queue
+        back: list[PoolMessage] = []                # valid, but not for this run or not needed
+        seen: set[str] = set()
+        for m in msgs:
+            if m.instance_id in seen or m.resource_class != resource_class:
+                drop.append(m)
+            elif usage_class is not None and m.usage_class != usage_class:
+                back.append(m)
+            else:
+                seen.add(m.instance_id)
+                candidates.append(m)
+        keep = candidates[:want]
+        back.extend(candidates[want:])
+        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock)), keep)
+        won: list[Member] = []
+        for _, member in outcomes:
+            if member is None:
+                res.lost_races += 1                 # the row moved on: the message was stale
+            else:
+                won.append(member)
+        res.stale_dropped += len(drop) + (len(keep) - len(won))
+        pool_q.delete(cfg.region, url, keep + drop)  # every claim is decided: won or stale
+        if back:
+            pool_q.give_back(cfg.region, url, back)
+            res.given_back += len(back)
+        if won:
+            healthy, unhealthy = _check_health(pool, won, clock)
+            res.claimed.extend(healthy)
+            res.unhealthy.extend(unhealthy)
+        if not candidates and back:
+            break                                   # everything visible is for someone else
+    event("selection.done", run_id=run_id, resource_class=resource_class, wanted=count,
+          claimed=[m.instance_id for m in res.claimed], unhealthy=[m.instance_id for m in res.unhealthy],
+          received=res.received, lost_races=res.lost_races, given_back=res.given_back)
+    return res
+
+
+def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock) -> Member | None:
+    now = clock.now()
+    t = transition(pool.table, pool.region, pool.arn(m.instance_id), from_=State.IDLE, to=State.CLAIMED,
+                   run_id=None, new_run_id=run_id, threshold=now + pool.config.claim_timeout_s, now=now)
+    if t.lost or t.record is None:
+        event("claim.lost", run_id=run_id, instance_id=m.instance_id, reason=t.reason)
+        return None
+    r = t.record
+    return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
+
+
+def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list[Member], list[Member]]:
+    rows = store.read_set(pool, [m.instance_id for m in members])
+    now = clock.now()
+    healthy, unhealthy = [], []
+    for m in members:
+        _, agent = rows.get(m.instance_id, (None, None))
+        ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (
+            "shutdown", "prerunner_failed")
+        (healthy if ok else unhealthy).append(m)
+        if not ok:
+            age = agent.heartbeat_age(now) if agent else None
+            event("claim.unhealthy", instance_id=m.instance_id,
+                  heartbeat_age_s=round(age, 1) if age is not None else None)
+    return healthy, unhealthy

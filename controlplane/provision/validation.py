@@ -1,0 +1,84 @@
+"""Validation: all or nothing over the whole set, claimed plus created.
+
+Input: the run and its members. Output: which members are ready and, for the
+rest, why not. A member is ready when its agent has signalled ``registered``
+for this run and its heartbeat is fresh. The set is polled with one batched
+read per poll (two keys per instance, 50 instances per BatchGetItem) until
+every member is ready, one fails (fail fast: a failure signal, or a heartbeat
+that stops after it had started), or the validation timeout passes.
+Progress is reported as "k of N ready".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane import store
+from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
+from controlplane.logs import QUIET, Progress, event
+from controlplane.records import Member
+from controlplane.store import Pool
+
+POLL_INTERVAL_S = 0.2
+
+
+@dataclass
+class ValidationResult:
+    ready: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)      # instance id -> reason
+    timed_out: bool = False
+    polls: int = 0
+    healthy: set[str] = field(default_factory=set)            # fresh heartbeat at the last poll
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.timed_out
+
+
+def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
+             progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ValidationResult:
+    res = ValidationResult()
+    if not members:
+        return res
+    cfg = pool.config
+    ids = [m.instance_id for m in members]
+    # Claimed members were healthy when claimed: a stale heartbeat later means it stopped.
+    seen_heartbeat: set[str] = {m.instance_id for m in members if m.source == "pool"}
+    deadline = Deadline(timeout_s, clock)
+
+    def poll() -> bool:
+        res.polls += 1
+        rows = store.read_set(pool, ids)
+        now = clock.now()
+        ready, failed, healthy = [], {}, set()
+        for iid in ids:
+            record, agent = rows[iid]
+            if record is None:
+                failed[iid] = "its state row is gone"
+                continue
+            if record.run_id != run_id:
+                failed[iid] = f"its row now belongs to {record.run_id or 'no run'} ({record.state})"
+                continue
+            if agent is None:
+                continue                              # still booting
+            if agent.failed_for(run_id):
+                failed[iid] = f"agent signalled {agent.signal}" + (f": {agent.detail}" if agent.detail else "")
+                continue
+            fresh = agent.is_healthy(now, cfg.heartbeat_stale_s)
+            if fresh:
+                healthy.add(iid)
+                seen_heartbeat.add(iid)
+            elif iid in seen_heartbeat:
+                age = agent.heartbeat_age(now)
+                failed[iid] = f"heartbeat stopped ({age:.0f} s old)" if age is not None else "no heartbeat"
+                continue
+            if fresh and agent.registered_for(run_id):
+                ready.append(iid)
+        res.ready, res.failed, res.healthy = ready, failed, healthy
+        progress.update(f"{len(ready)} of {len(ids)} ready ({deadline.elapsed_s:.1f} s)")
+        return bool(failed) or len(ready) == len(ids)
+
+    done = wait_until(poll, deadline, POLL_INTERVAL_S)
+    res.timed_out = not done
+    event("validation.done", run_id=run_id, ready=res.ready, failed=res.failed, timed_out=res.timed_out,
+          polls=res.polls, elapsed_s=round(deadline.elapsed_s, 3))
+    return res

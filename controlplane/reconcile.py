@@ -1,0 +1,184 @@
+"""Reconcile: make the state table, EC2 and GitHub agree, in both directions.
+
+The control plane runs inside other people's workflows, which get cancelled,
+time out and lose their runners; a reaper outside the workflow is what keeps
+such systems from leaking (peers' pain point 1). Reconcile is a pure plan
+over a snapshot, then an apply:
+
+* an EC2 instance tagged as ours with **no row** (older than a grace period,
+  so a provision writing its rows is not raced) is terminated;
+* an EC2 instance whose row says **terminated** is terminated again;
+* a **live row whose instance is gone** from EC2 is closed (``-> terminated``);
+* a **GitHub runner** of this pool whose instance is not live is removed.
+
+:func:`plan` does no I/O and is unit-tested on plain data; :func:`reconcile`
+takes the snapshot, plans, and applies unless ``dry_run``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane import aws, store
+from controlplane.clock import SYSTEM_CLOCK, Clock
+from controlplane.github import GitHubClient, GitHubRunner, github_client_from_env
+from controlplane.errors import ConfigError
+from controlplane.logs import QUIET, Progress, event
+from controlplane.records import InstanceRecord, State
+from controlplane.store import Pool
+
+ORPHAN_GRACE_S = 120
+LIVE_EC2_STATES = ("pending", "running", "stopping", "stopped")
+_RUNNER_INSTANCE = re.compile(r"^(i-[0-9a-f]+)")
+
+
+@dataclass(frozen=True)
+class Ec2Instance:
+    instance_id: str
+    state: str
+    launched_at: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    records: list[InstanceRecord]
+    instances: list[Ec2Instance]
+    runners: list[GitHubRunner] | None         # None: GitHub not checked (no token)
+    now: float
+    pool_label: str = ""
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str              # terminate_instance | close_row | delete_runner
+    target: str
+    reason: str
+    state: str = ""        # for close_row: the state the row is in
+    run_id: str | None = None
+
+
+@dataclass
+class ReconcileResult:
+    dry_run: bool
+    checked: dict[str, int] = field(default_factory=dict)
+    actions: list[Action] = field(default_factory=list)
+    applied: list[Action] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def by_kind(self, actions: list[Action]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in actions:
+            out[a.kind] = out.get(a.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "checked": self.checked, "found": self.by_kind(self.actions),
+                "fixed": self.by_kind(self.applied), "failed": self.failed,
+                "actions": [a.__dict__ for a in self.actions]}
+
+    def summary(self) -> str:
+        c = self.checked
+        head = (f"reconcile checked {c.get('rows', 0)} row(s), {c.get('instances', 0)} instance(s), "
+                + (f"{c['runners']} GitHub runner(s)" if "runners" in c else "GitHub not checked (no token)"))
+        if not self.actions:
+            return head + ": no drift"
+        lines = [head + f": {len(self.actions)} problem(s)" + (" (dry run, nothing changed)" if self.dry_run else "")]
+        for a in self.actions:
+            done = "" if self.dry_run else (" fixed" if a in self.applied else " NOT fixed")
+            lines.append(f"  {a.kind:<18} {a.target:<22} {a.reason}{done}")
+        return "\n".join(lines)
+
+
+def plan(snap: Snapshot) -> list[Action]:
+    actions: list[Action] = []
+    rows = {r.instance_id: r for r in snap.records}
+    live_ec2 = {i.instance_id: i for i in snap.instances if i.state in LIVE_EC2_STATES}
+    for iid, inst in sorted(live_ec2.items()):
+        row = rows.get(iid)
+        if row is None:
+            if snap.now - inst.launched_at >= ORPHAN_GRACE_S:
+                actions.append(Action("terminate_instance", iid, "instance has no row in the state table"))
+        elif row.state is State.TERMINATED:
+            actions.append(Action("terminate_instance", iid, "its row says terminated"))
+    for iid, row in sorted(rows.items()):
+        if row.state is not State.TERMINATED and iid not in live_ec2:
+            actions.append(Action("close_row", iid, f"row is {row.state} but the instance is gone from EC2",
+                                  state=row.state.value, run_id=row.run_id))
+    if snap.runners is not None:
+        live_ids = {iid for iid in live_ec2 if rows.get(iid) is None or rows[iid].state is not State.TERMINATED}
+        for runner in snap.runners:
+            if snap.pool_label and snap.pool_label not in runner.labels:
+                continue
+            m = _RUNNER_INSTANCE.match(runner.name)
+            if m is None or m.group(1) not in live_ids:
+                actions.append(Action("delete_runner", str(runner.id),
+                                      f"runner {runner.name} ({runner.status}) has no live instance"))
+    return actions
+
+
+def snapshot(pool: Pool, github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK) -> Snapshot:
+    records = store.all_records(pool)
+    ec2 = aws.client("ec2", pool.region)
+    instances = []
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": "tag:runner-pool:pool", "Values": [pool.name]},
+            {"Name": "instance-state-name", "Values": [*LIVE_EC2_STATES, "shutting-down"]}]):
+        for r in page["Reservations"]:
+            for i in r["Instances"]:
+                instances.append(Ec2Instance(i["InstanceId"], i["State"]["Name"], i["LaunchTime"].timestamp()))
+    runners = github.list_runners() if github is not None else None
+    return Snapshot(records, instances, runners, clock.now(), pool.config.pool_label)
+
+
+def apply(pool: Pool, actions: list[Action], github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK
+          ) -> tuple[list[Action], list[str]]:
+    from controlplane.apply import terminate_instances
+    from controlplane.state import transition
+
+    applied: list[Action] = []
+    failed: list[str] = []
+    doomed = [a for a in actions if a.kind == "terminate_instance"]
+    if doomed:
+        try:
+            done = set(terminate_instances(pool.region, [a.target for a in doomed]))
+            applied += [a for a in doomed if a.target in done]
+            store.delete_rows(pool, [pool.arn(a.target) for a in doomed], state=False, agent=True)
+        except aws.AwsError as exc:
+            failed += [f"{a.target}: {exc}" for a in doomed]
+    now = clock.now()
+    for a in actions:
+        if a.kind == "close_row":
+            t = transition(pool.table, pool.region, pool.arn(a.target), from_=State(a.state), to=State.TERMINATED,
+                           run_id=a.run_id, threshold=now, now=now, when="any", new_run_id=None)
+            if t.won or (t.record is not None and t.record.state is State.TERMINATED):
+                applied.append(a)
+                store.delete_rows(pool, [pool.arn(a.target)], state=False, agent=True)
+            else:
+                failed.append(f"{a.target}: {t.reason}")
+        elif a.kind == "delete_runner" and github is not None:
+            github.delete_runner(int(a.target))          # False = already gone: fixed all the same
+            applied.append(a)
+    return applied, failed
+
+
+def reconcile(pool: Pool, dry_run: bool = False, github: GitHubClient | None = None,
+              progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ReconcileResult:
+    if github is None:
+        try:
+            github = github_client_from_env(pool.config.github.api_url, pool.config.github.scope)
+        except ConfigError:
+            github = None                       # without a token, EC2 and the table are still reconciled
+    progress.phase(f"reconcile {pool.name}: reading the table, EC2" + (" and GitHub" if github else ""))
+    snap = snapshot(pool, github, clock)
+    res = ReconcileResult(dry_run)
+    res.checked = {"rows": len(snap.records), "instances": len(snap.instances)}
+    if snap.runners is not None:
+        res.checked["runners"] = len(snap.runners)
+    res.actions = plan(snap)
+    if res.actions and not dry_run:
+        res.applied, res.failed = apply(pool, res.actions, github, clock)
+    event("reconcile.done", pool=pool.name, dry_run=dry_run, found=res.by_kind(res.actions),
+          fixed=res.by_kind(res.applied), failed=res.failed,
+          instance_ids=[a.target for a in res.actions if a.kind != "delete_runner"])
+    return res

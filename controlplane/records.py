@@ -1,0 +1,223 @@
+"""Records inside the control plane, and the table's wire format in one place.
+
+Frozen dataclasses, not pydantic: these never cross a trust boundary. Each
+record knows how to read itself from a DynamoDB item (``from_item``) and, for
+the control plane's own rows, how to write one (``to_item``), so attribute
+names and types appear nowhere else. Times are epoch seconds.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+
+_des = TypeDeserializer()
+_ser = TypeSerializer()
+
+STATE_SK = "state"
+AGENT_SK = "agent"
+POOL_PK = "pool"
+AGENT_PREFIX = "agent#"
+
+
+class State(str, enum.Enum):
+    CREATED = "created"
+    IDLE = "idle"
+    CLAIMED = "claimed"
+    RUNNING = "running"
+    DRAINING = "draining"
+    TERMINATED = "terminated"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LIVE_STATES = (State.CREATED, State.IDLE, State.CLAIMED, State.RUNNING, State.DRAINING)
+
+
+class Signal(str, enum.Enum):
+    """What an agent last reported (attribute ``signal`` of its agent row)."""
+
+    BOOTING = "booting"
+    WAITING = "waiting"
+    REGISTERED = "registered"
+    DEREGISTERED = "deregistered"
+    REGISTRATION_FAILED = "registration_failed"
+    PRERUNNER_FAILED = "prerunner_failed"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FAILURE_SIGNALS = frozenset({Signal.REGISTRATION_FAILED, Signal.PRERUNNER_FAILED, Signal.SHUTDOWN})
+
+
+def instance_arn(partition: str, region: str, account: str, instance_id: str) -> str:
+    return f"arn:{partition}:ec2:{region}:{account}:instance/{instance_id}"
+
+
+def instance_id_of(arn: str) -> str:
+    return arn.rsplit("/", 1)[-1]
+
+
+def agent_pk(arn: str) -> str:
+    return AGENT_PREFIX + arn
+
+
+def plain(item: dict[str, Any]) -> dict[str, Any]:
+    """DynamoDB AttributeValue map -> Python values (Decimals become int/float)."""
+    out: dict[str, Any] = {}
+    for k, v in item.items():
+        val = _des.deserialize(v)
+        if isinstance(val, Decimal):
+            val = int(val) if val == val.to_integral_value() else float(val)
+        out[k] = val
+    return out
+
+
+def wire(values: dict[str, Any]) -> dict[str, Any]:
+    """Python values -> DynamoDB AttributeValue map (floats go through Decimal)."""
+    out = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, float):
+            v = Decimal(repr(round(v, 3)))
+        out[k] = _ser.serialize(v)
+    return out
+
+
+def num(v: float) -> dict[str, str]:
+    return {"N": repr(round(float(v), 3))}
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """The control plane's view of one instance (item ``pk=<arn>, sk=state``)."""
+
+    arn: str
+    state: State
+    threshold: float
+    resource_class: str
+    instance_type: str
+    usage_class: str
+    subnet_id: str
+    launched_at: float
+    run_id: str | None = None
+    last_run_id: str | None = None
+    reuse_count: int = 0
+    version: int = 1
+    updated_at: float = 0.0
+    expires_at: float | None = None
+    availability_zone: str = ""
+
+    @property
+    def instance_id(self) -> str:
+        return instance_id_of(self.arn)
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> InstanceRecord:
+        v = plain(item)
+        return cls(
+            arn=v["pk"], state=State(v["state"]), threshold=float(v["threshold"]),
+            resource_class=v.get("resource_class", ""), instance_type=v.get("instance_type", ""),
+            usage_class=v.get("usage_class", ""), subnet_id=v.get("subnet_id", ""),
+            launched_at=float(v.get("launched_at", 0)), run_id=v.get("run_id") or None,
+            last_run_id=v.get("last_run_id") or None, reuse_count=int(v.get("reuse_count", 0)),
+            version=int(v.get("version", 1)), updated_at=float(v.get("updated_at", 0)),
+            expires_at=float(v["expires_at"]) if v.get("expires_at") is not None else None,
+            availability_zone=v.get("availability_zone", ""),
+        )
+
+    def to_item(self) -> dict[str, Any]:
+        return wire({
+            "pk": self.arn, "sk": STATE_SK, "instance_id": self.instance_id, "state": self.state.value,
+            "threshold": float(self.threshold), "resource_class": self.resource_class,
+            "instance_type": self.instance_type, "usage_class": self.usage_class, "subnet_id": self.subnet_id,
+            "launched_at": float(self.launched_at), "run_id": self.run_id, "last_run_id": self.last_run_id,
+            "reuse_count": self.reuse_count, "version": self.version, "updated_at": float(self.updated_at),
+            "expires_at": self.expires_at, "availability_zone": self.availability_zone or None,
+        })
+
+    def is_expired(self, now: float) -> bool:
+        return self.threshold < now
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """What an instance's agent reports (item ``pk=agent#<arn>, sk=agent``)."""
+
+    arn: str
+    heartbeat_at: float | None = None
+    signal: Signal | None = None
+    signal_run: str | None = None
+    signal_at: float | None = None
+    runner_name: str | None = None
+    detail: str | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return instance_id_of(self.arn)
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> AgentRecord:
+        v = plain(item)
+        sig = v.get("signal")
+        try:
+            signal = Signal(sig) if sig else None
+        except ValueError:
+            signal = None
+        return cls(
+            arn=v["pk"].removeprefix(AGENT_PREFIX),
+            heartbeat_at=float(v["heartbeat_at"]) if v.get("heartbeat_at") is not None else None,
+            signal=signal, signal_run=v.get("signal_run") or None,
+            signal_at=float(v["signal_at"]) if v.get("signal_at") is not None else None,
+            runner_name=v.get("runner_name"), detail=v.get("detail"),
+        )
+
+    def heartbeat_age(self, now: float) -> float | None:
+        return None if self.heartbeat_at is None else max(0.0, now - self.heartbeat_at)
+
+    def is_healthy(self, now: float, stale_s: float) -> bool:
+        age = self.heartbeat_age(now)
+        return age is not None and age <= stale_s
+
+    def registered_for(self, run_id: str) -> bool:
+        return self.signal == Signal.REGISTERED and self.signal_run == run_id
+
+    def deregistered_from(self, run_id: str) -> bool:
+        return self.signal in (Signal.DEREGISTERED, Signal.WAITING) and self.signal_run == run_id
+
+    def failed_for(self, run_id: str) -> bool:
+        if self.signal == Signal.PRERUNNER_FAILED or self.signal == Signal.SHUTDOWN:
+            return True
+        return self.signal == Signal.REGISTRATION_FAILED and self.signal_run == run_id
+
+
+@dataclass(frozen=True)
+class LaunchedInstance:
+    """One instance as CreateFleet reported it."""
+
+    instance_id: str
+    instance_type: str
+    subnet_id: str
+    usage_class: str
+    availability_zone: str = ""
+
+
+@dataclass(frozen=True)
+class Member:
+    """An instance in a provision's set, and where it came from."""
+
+    instance_id: str
+    arn: str
+    source: str                       # "pool" or "created"
+    instance_type: str
+    subnet_id: str
+    usage_class: str
+    resource_class: str
+    receipt: str | None = field(default=None, compare=False)

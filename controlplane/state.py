@@ -1,0 +1,147 @@
+"""The instance state machine: the transition table and its only writer.
+
+Every change of the ``state`` attribute goes through :func:`transition`, which
+is one conditional UpdateItem naming the state it leaves, the run it expects,
+and the threshold it sets. Losing a race (another provision claimed the row,
+refresh expired it, release already moved it) is a normal outcome and comes
+back as a :class:`Transition` with ``won=False`` and the row as it is now,
+never as an exception.
+
+Thresholds are deadlines of the current state, in epoch seconds:
+created/claimed -> ``claim_timeout_s``; running -> ``max_runtime_s``;
+draining -> ``deregistration_timeout_s``; idle -> ``idle_time_s``; terminated
+-> now, with ``expires_at`` so DynamoDB's TTL removes the row later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from botocore.exceptions import ClientError
+
+from controlplane import aws
+from controlplane.records import STATE_SK, InstanceRecord, State, num
+
+# (from, to): why the edge exists. Anything not listed is refused before any call.
+TRANSITIONS: dict[tuple[State, State], str] = {
+    (State.CREATED, State.RUNNING): "validation passed for a created instance: commit it to its run",
+    (State.IDLE, State.CLAIMED): "a provision claims an idle runner from the pool (one winner)",
+    (State.CLAIMED, State.RUNNING): "validation passed for a claimed instance: commit it to its run",
+    (State.CLAIMED, State.DRAINING): "provision rolled back: clear the run, wait for the agent to deregister",
+    (State.RUNNING, State.DRAINING): "release: clear the run, wait for the agent to deregister",
+    (State.DRAINING, State.IDLE): "the agent confirmed deregistration: back in the pool",
+    (State.CREATED, State.TERMINATED): "created but not accepted (validation failed, or past its deadline)",
+    (State.IDLE, State.TERMINATED): "idle past its threshold, reuse cap or lifetime reached, or class removed",
+    (State.CLAIMED, State.TERMINATED): "claimed but unhealthy, or past its deadline (provisioner died)",
+    (State.RUNNING, State.TERMINATED): "past max runtime, or its instance is gone",
+    (State.DRAINING, State.TERMINATED): "the agent did not confirm deregistration in time",
+}
+
+TERMINATED_RETENTION_S = 86400   # terminated rows stay a day for status/audit, then TTL removes them
+
+When = Literal["unexpired", "expired", "any"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    won: bool
+    record: InstanceRecord | None      # the row after the write, or as it is now when the race was lost
+    reason: str = ""
+
+    @property
+    def lost(self) -> bool:
+        return not self.won
+
+
+class Keep:
+    """Marker: leave ``run_id`` as it is."""
+
+
+KEEP = Keep()
+
+
+def transition(
+    table: str,
+    region: str,
+    arn: str,
+    *,
+    from_: State,
+    to: State,
+    run_id: str | None,
+    threshold: float,
+    now: float,
+    new_run_id: str | None | Keep = KEEP,
+    when: When = "unexpired",
+    count_reuse: bool = False,
+) -> Transition:
+    """Move one row ``from_`` -> ``to`` if it is still in ``from_`` with ``run_id``.
+
+    ``run_id=None`` expects the row to belong to no run. ``new_run_id`` sets
+    (str), clears (None) or keeps (KEEP) the run; clearing remembers it in
+    ``last_run_id``. ``when`` adds a condition on the current threshold.
+    """
+    if (from_, to) not in TRANSITIONS:
+        raise ValueError(f"no transition {from_} -> {to}")
+    names = {"#s": "state", "#t": "threshold", "#r": "run_id", "#v": "version", "#u": "updated_at"}
+    values: dict[str, Any] = {
+        ":from": {"S": from_.value}, ":to": {"S": to.value}, ":thr": num(threshold), ":now": num(now),
+        ":one": {"N": "1"},
+    }
+    cond = ["#s = :from"]
+    if run_id is None:
+        cond.append("attribute_not_exists(#r)")
+    else:
+        cond.append("#r = :run")
+        values[":run"] = {"S": run_id}
+    if when == "unexpired":
+        cond.append("#t > :now")
+    elif when == "expired":
+        cond.append("#t < :now")
+    sets = ["#s = :to", "#t = :thr", "#v = #v + :one", "#u = :now"]
+    removes = []
+    if isinstance(new_run_id, str):
+        sets.append("#r = :newrun")
+        values[":newrun"] = {"S": new_run_id}
+    elif new_run_id is None:
+        removes.append("#r")
+        if run_id is not None:
+            names["#l"] = "last_run_id"
+            sets.append("#l = :run")
+    if to is State.TERMINATED:
+        names["#x"] = "expires_at"
+        sets.append("#x = :exp")
+        values[":exp"] = num(now + TERMINATED_RETENTION_S)
+    if count_reuse:
+        names["#c"] = "reuse_count"
+        sets.append("#c = if_not_exists(#c, :zero) + :one")
+        values[":zero"] = {"N": "0"}
+    update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+    ddb = aws.client("dynamodb", region)
+    try:
+        resp = ddb.update_item(
+            TableName=table, Key={"pk": {"S": arn}, "sk": {"S": STATE_SK}},
+            ConditionExpression=" AND ".join(cond), UpdateExpression=update,
+            ExpressionAttributeNames=names, ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD",
+        )
+    except ClientError as exc:
+        if not aws.is_conditional_failure(exc):
+            raise aws.wrap(exc, f"dynamodb:UpdateItem {from_}->{to} on {arn}") from exc
+        old = exc.response.get("Item")
+        current = InstanceRecord.from_item(old) if old else None
+        return Transition(False, current, _why_lost(current, from_, run_id, now, when))
+    return Transition(True, InstanceRecord.from_item(resp["Attributes"]))
+
+
+def _why_lost(current: InstanceRecord | None, from_: State, run_id: str | None, now: float, when: When) -> str:
+    if current is None:
+        return "no such row"
+    if current.state is not from_:
+        return f"state is {current.state}, not {from_}"
+    if current.run_id != run_id:
+        return f"run is {current.run_id or 'none'}, not {run_id or 'none'}"
+    if when == "unexpired" and current.threshold <= now:
+        return "threshold passed"
+    if when == "expired" and current.threshold >= now:
+        return "threshold not yet passed"
+    return "condition failed"

@@ -1,0 +1,310 @@
+"""The state table: its lifecycle, the pool's stored config, reads and queries.
+
+Writes of the ``state`` attribute live in :mod:`controlplane.state`; this
+module creates rows (``created`` straight after CreateFleet), reads them in
+batches, and pages through every query (the reference read one 1 MB page and
+silently missed the rest).
+
+Reads of the agent rows and state rows for a set of instances are one
+BatchGetItem per 50 instances (two keys each), with consistent reads: that is
+how validation and release watch many instances at once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from controlplane import aws
+from controlplane.clock import Deadline, wait_until
+from controlplane.config import PoolConfig, parse_config
+from controlplane.errors import ConfigError
+from controlplane.records import (
+    AGENT_SK, POOL_PK, STATE_SK, AgentRecord, InstanceRecord, LaunchedInstance, State, agent_pk,
+    instance_arn, instance_id_of, num,
+)
+
+TABLE_READY_TIMEOUT_S = 120
+BATCH_GET_KEYS = 100
+BATCH_WRITE_ITEMS = 25
+UNPROCESSED_RETRY_S = 10
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A pool as operations see it: its config plus the account it lives in."""
+
+    config: PoolConfig
+    account: str
+    partition: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def region(self) -> str:
+        return self.config.region
+
+    @property
+    def table(self) -> str:
+        return self.config.table_name
+
+    def arn(self, instance_id: str) -> str:
+        return instance_arn(self.partition, self.region, self.account, instance_id)
+
+
+# ---------------------------------------------------------------- table lifecycle
+
+def table_exists(cfg: PoolConfig) -> bool:
+    ddb = aws.client("dynamodb", cfg.region)
+    try:
+        ddb.describe_table(TableName=cfg.table_name)
+        return True
+    except ClientError as exc:
+        if aws.error_code(exc) == "ResourceNotFoundException":
+            return False
+        raise aws.wrap(exc, "dynamodb:DescribeTable") from exc
+
+
+def ensure_table(cfg: PoolConfig) -> bool:
+    """Create the table if missing (GSIs, TTL, point-in-time recovery). True if created."""
+    ddb = aws.client("dynamodb", cfg.region)
+    created = False
+    if not table_exists(cfg):
+        try:
+            ddb.create_table(
+                TableName=cfg.table_name,
+                BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[
+                    {"AttributeName": "pk", "AttributeType": "S"},
+                    {"AttributeName": "sk", "AttributeType": "S"},
+                    {"AttributeName": "run_id", "AttributeType": "S"},
+                    {"AttributeName": "state", "AttributeType": "S"},
+                    {"AttributeName": "threshold", "AttributeType": "N"},
+                ],
+                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+                GlobalSecondaryIndexes=[
+                    {"IndexName": "by_run", "KeySchema": [{"AttributeName": "run_id", "KeyType": "HASH"}],
+                     "Projection": {"ProjectionType": "ALL"}},
+                    {"IndexName": "by_state",
+                     "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
+                                   {"AttributeName": "threshold", "KeyType": "RANGE"}],
+                     "Projection": {"ProjectionType": "ALL"}},
+                ],
+                Tags=[{"Key": "runner-pool:pool", "Value": cfg.name}],
+            )
+            created = True
+        except ClientError as exc:
+            if aws.error_code(exc) != "ResourceInUseException":      # created concurrently: fine
+                raise aws.wrap(exc, "dynamodb:CreateTable") from exc
+    ready = wait_until(
+        lambda: ddb.describe_table(TableName=cfg.table_name)["Table"]["TableStatus"] == "ACTIVE",
+        Deadline(TABLE_READY_TIMEOUT_S), 1.0)
+    if not ready:
+        raise aws.AwsError(f"table {cfg.table_name} not ACTIVE after {TABLE_READY_TIMEOUT_S} s")
+    ttl = ddb.describe_time_to_live(TableName=cfg.table_name)["TimeToLiveDescription"]
+    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        ddb.update_time_to_live(TableName=cfg.table_name,
+                                TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+    try:
+        backups = ddb.describe_continuous_backups(TableName=cfg.table_name)["ContinuousBackupsDescription"]
+        pitr = backups.get("PointInTimeRecoveryDescription", {}).get("PointInTimeRecoveryStatus")
+        if pitr != "ENABLED":
+            ddb.update_continuous_backups(TableName=cfg.table_name,
+                                          PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True})
+    except ClientError as exc:
+        raise aws.wrap(exc, "dynamodb:UpdateContinuousBackups") from exc
+    return created
+
+
+def delete_table(cfg: PoolConfig) -> bool:
+    ddb = aws.client("dynamodb", cfg.region)
+    try:
+        ddb.delete_table(TableName=cfg.table_name)
+        return True
+    except ClientError as exc:
+        if aws.error_code(exc) == "ResourceNotFoundException":
+            return False
+        raise aws.wrap(exc, "dynamodb:DeleteTable") from exc
+
+
+# ---------------------------------------------------------------- the pool's stored config
+
+def save_pool(pool: Pool, extra: dict[str, Any] | None = None) -> None:
+    ddb = aws.client("dynamodb", pool.region)
+    body = {"config": json.loads(pool.config.to_json()), "account": pool.account, "partition": pool.partition,
+            **(extra or {})}
+    ddb.put_item(TableName=pool.table, Item={
+        "pk": {"S": POOL_PK}, "sk": {"S": "config"}, "body": {"S": json.dumps(body)},
+        "updated_at": num(time.time()),
+    })
+
+
+def load_pool(name: str, region: str) -> Pool:
+    """The pool ``pool apply`` stored; ConfigError if there is none."""
+    table = f"runner-pool-{name}"
+    ddb = aws.client("dynamodb", region)
+    try:
+        item = ddb.get_item(TableName=table, Key={"pk": {"S": POOL_PK}, "sk": {"S": "config"}},
+                            ConsistentRead=True).get("Item")
+    except ClientError as exc:
+        if aws.error_code(exc) == "ResourceNotFoundException":
+            raise ConfigError(f"pool {name!r} not found in {region} (no table {table})",
+                              hint="run `runner-pool pool apply --config pool.yaml` first, or check --region") from exc
+        raise aws.wrap(exc, "dynamodb:GetItem pool config") from exc
+    if not item:
+        raise ConfigError(f"pool {name!r} has a table but no stored config",
+                          hint="run `runner-pool pool apply --config pool.yaml`")
+    body = json.loads(item["body"]["S"])
+    cfg = parse_config(body["config"], f"stored config of pool {name}")
+    return Pool(cfg, body["account"], body["partition"])
+
+
+def pool_meta(pool: Pool) -> dict[str, Any]:
+    ddb = aws.client("dynamodb", pool.region)
+    item = ddb.get_item(TableName=pool.table, Key={"pk": {"S": POOL_PK}, "sk": {"S": "config"}},
+                        ConsistentRead=True).get("Item")
+    return json.loads(item["body"]["S"]) if item else {}
+
+
+def update_pool_meta(pool: Pool, **fields: Any) -> None:
+    body = pool_meta(pool)
+    body.update(fields)
+    ddb = aws.client("dynamodb", pool.region)
+    ddb.update_item(TableName=pool.table, Key={"pk": {"S": POOL_PK}, "sk": {"S": "config"}},
+                    UpdateExpression="SET body = :b", ExpressionAttributeValues={":b": {"S": json.dumps(body)}})
+
+
+# ---------------------------------------------------------------- rows
+
+def put_created(pool: Pool, launched: Iterable[LaunchedInstance], run_id: str, resource_class: str,
+                threshold: float, now: float) -> list[InstanceRecord]:
+    """Write ``created`` rows for instances CreateFleet just returned (BatchWriteItem)."""
+    records = [
+        InstanceRecord(arn=pool.arn(li.instance_id), state=State.CREATED, threshold=threshold,
+                       resource_class=resource_class, instance_type=li.instance_type, usage_class=li.usage_class,
+                       subnet_id=li.subnet_id, launched_at=now, run_id=run_id, updated_at=now,
+                       availability_zone=li.availability_zone)
+        for li in launched
+    ]
+    _batch_write(pool, [{"PutRequest": {"Item": r.to_item()}} for r in records])
+    return records
+
+
+def put_record(pool: Pool, record: InstanceRecord) -> None:
+    aws.client("dynamodb", pool.region).put_item(TableName=pool.table, Item=record.to_item())
+
+
+def delete_rows(pool: Pool, arns: Iterable[str], *, state: bool = True, agent: bool = True) -> None:
+    reqs = []
+    for arn in arns:
+        if state:
+            reqs.append({"DeleteRequest": {"Key": {"pk": {"S": arn}, "sk": {"S": STATE_SK}}}})
+        if agent:
+            reqs.append({"DeleteRequest": {"Key": {"pk": {"S": agent_pk(arn)}, "sk": {"S": AGENT_SK}}}})
+    _batch_write(pool, reqs)
+
+
+def _batch_write(pool: Pool, requests: list[dict[str, Any]]) -> None:
+    ddb = aws.client("dynamodb", pool.region)
+    for chunk in aws.chunks(requests, BATCH_WRITE_ITEMS):
+        pending: dict[str, Any] = {pool.table: chunk}
+        deadline = Deadline(UNPROCESSED_RETRY_S)
+        delay = 0.05
+        while pending:
+            try:
+                pending = ddb.batch_write_item(RequestItems=pending).get("UnprocessedItems") or {}
+            except ClientError as exc:
+                raise aws.wrap(exc, "dynamodb:BatchWriteItem") from exc
+            if pending:
+                if deadline.expired:
+                    raise aws.AwsError(f"BatchWriteItem left {len(pending[pool.table])} items unprocessed")
+                deadline.clock.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+def read_set(pool: Pool, instance_ids: Iterable[str]) -> dict[str, tuple[InstanceRecord | None, AgentRecord | None]]:
+    """State and agent rows of many instances: one consistent BatchGetItem per 50."""
+    ids = list(dict.fromkeys(instance_ids))
+    out: dict[str, tuple[InstanceRecord | None, AgentRecord | None]] = {i: (None, None) for i in ids}
+    keys = []
+    for i in ids:
+        arn = pool.arn(i)
+        keys.append({"pk": {"S": arn}, "sk": {"S": STATE_SK}})
+        keys.append({"pk": {"S": agent_pk(arn)}, "sk": {"S": AGENT_SK}})
+    ddb = aws.client("dynamodb", pool.region)
+    for chunk in aws.chunks(keys, BATCH_GET_KEYS):
+        pending: dict[str, Any] = {pool.table: {"Keys": chunk, "ConsistentRead": True}}
+        deadline = Deadline(UNPROCESSED_RETRY_S)
+        while pending:
+            try:
+                resp = ddb.batch_get_item(RequestItems=pending)
+            except ClientError as exc:
+                raise aws.wrap(exc, "dynamodb:BatchGetItem") from exc
+            for item in resp.get("Responses", {}).get(pool.table, []):
+                if item["sk"]["S"] == STATE_SK:
+                    rec = InstanceRecord.from_item(item)
+                    out[rec.instance_id] = (rec, out[rec.instance_id][1])
+                else:
+                    ag = AgentRecord.from_item(item)
+                    out[ag.instance_id] = (out[ag.instance_id][0], ag)
+            pending = resp.get("UnprocessedKeys") or {}
+            if pending and deadline.expired:
+                raise aws.AwsError("BatchGetItem kept returning unprocessed keys")
+            if pending:
+                deadline.clock.sleep(0.05)
+    return out
+
+
+def get_record(pool: Pool, instance_id: str) -> InstanceRecord | None:
+    item = aws.client("dynamodb", pool.region).get_item(
+        TableName=pool.table, Key={"pk": {"S": pool.arn(instance_id)}, "sk": {"S": STATE_SK}},
+        ConsistentRead=True).get("Item")
+    return InstanceRecord.from_item(item) if item else None
+
+
+def _paginate(pool: Pool, op: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    ddb = aws.client("dynamodb", pool.region)
+    paginator = ddb.get_paginator(op)
+    try:
+        for page in paginator.paginate(TableName=pool.table, **kwargs):
+            yield from page.get("Items", [])
+    except ClientError as exc:
+        raise aws.wrap(exc, f"dynamodb:{op}") from exc
+
+
+def run_records(pool: Pool, run_id: str) -> list[InstanceRecord]:
+    """Rows that belong to ``run_id`` (index ``by_run``, every page)."""
+    items = _paginate(pool, "query", IndexName="by_run", KeyConditionExpression="run_id = :r",
+                      ExpressionAttributeValues={":r": {"S": run_id}})
+    return [InstanceRecord.from_item(i) for i in items if i.get("sk", {}).get("S") == STATE_SK]
+
+
+def records_in_state(pool: Pool, state: State, threshold_before: float | None = None) -> list[InstanceRecord]:
+    """Rows in ``state`` (index ``by_state``), optionally only those whose threshold has passed."""
+    key = "#s = :s"
+    values: dict[str, Any] = {":s": {"S": state.value}}
+    if threshold_before is not None:
+        key += " AND threshold < :t"
+        values[":t"] = num(threshold_before)
+    items = _paginate(pool, "query", IndexName="by_state", KeyConditionExpression=key,
+                      ExpressionAttributeNames={"#s": "state"}, ExpressionAttributeValues=values)
+    return [InstanceRecord.from_item(i) for i in items]
+
+
+def all_records(pool: Pool) -> list[InstanceRecord]:
+    """Every instance row (consistent Scan, every page)."""
+    items = _paginate(pool, "scan", ConsistentRead=True, FilterExpression="sk = :s",
+                      ExpressionAttributeValues={":s": {"S": STATE_SK}})
+    return [InstanceRecord.from_item(i) for i in items]
+
+
+def all_agents(pool: Pool) -> dict[str, AgentRecord]:
+    items = _paginate(pool, "scan", ConsistentRead=True, FilterExpression="sk = :s",
+                      ExpressionAttributeValues={":s": {"S": AGENT_SK}})
+    return {instance_id_of(a.arn): a for a in (AgentRecord.from_item(i) for i in items)}

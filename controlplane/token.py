@@ -1,0 +1,82 @@
+"""Runner tokens in SSM Parameter Store (SecureString), never anywhere else.
+
+GitHub registration and removal tokens last one hour. The pool keeps both in
+one SecureString parameter as JSON ``{"registration", "removal",
+"expires_at"}``; only the control plane writes it, and an instance may read
+exactly this parameter (see the IAM policy). Tokens never appear in user data,
+logs, stack outputs or the state table. :func:`ensure_tokens` rotates them when
+less than ``token_refresh_margin_s`` of their life is left.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from botocore.exceptions import ClientError
+
+from controlplane import aws
+from controlplane.config import PoolConfig
+from controlplane.github import GitHubClient
+
+
+@dataclass(frozen=True)
+class StoredTokens:
+    registration: str
+    removal: str
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"StoredTokens(expires_at={self.expires_at:.0f}, registration=***, removal=***)"
+
+    def seconds_left(self, now: float) -> float:
+        return self.expires_at - now
+
+
+def read_tokens(cfg: PoolConfig) -> StoredTokens | None:
+    ssm = aws.client("ssm", cfg.region)
+    try:
+        value = ssm.get_parameter(Name=cfg.token_parameter, WithDecryption=True)["Parameter"]["Value"]
+    except ClientError as exc:
+        if aws.error_code(exc) == "ParameterNotFound":
+            return None
+        raise aws.wrap(exc, f"ssm:GetParameter {cfg.token_parameter}") from exc
+    try:
+        data = json.loads(value)
+        return StoredTokens(str(data["registration"]), str(data["removal"]), float(data["expires_at"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def write_tokens(cfg: PoolConfig, tokens: StoredTokens) -> None:
+    ssm = aws.client("ssm", cfg.region)
+    value = json.dumps({"registration": tokens.registration, "removal": tokens.removal,
+                        "expires_at": tokens.expires_at})
+    try:
+        ssm.put_parameter(Name=cfg.token_parameter, Value=value, Type="SecureString", Overwrite=True,
+                          Description=f"GitHub runner tokens of runner-pool {cfg.name} (rotated by refresh)")
+    except ClientError as exc:
+        raise aws.wrap(exc, f"ssm:PutParameter {cfg.token_parameter}") from exc
+
+
+def delete_tokens(cfg: PoolConfig) -> None:
+    ssm = aws.client("ssm", cfg.region)
+    try:
+        ssm.delete_parameter(Name=cfg.token_parameter)
+    except ClientError as exc:
+        if aws.error_code(exc) != "ParameterNotFound":
+            raise aws.wrap(exc, "ssm:DeleteParameter") from exc
+
+
+def ensure_tokens(cfg: PoolConfig, github: GitHubClient, now: float | None = None,
+                  force: bool = False) -> tuple[StoredTokens, bool]:
+    """Fresh tokens in SSM; returns (tokens, rotated). Rotates inside the margin."""
+    now = time.time() if now is None else now
+    current = read_tokens(cfg)
+    if not force and current is not None and current.seconds_left(now) > cfg.token_refresh_margin_s:
+        return current, False
+    reg = github.registration_token()
+    rem = github.removal_token()
+    tokens = StoredTokens(reg.token, rem.token, min(reg.expires_at, rem.expires_at))
+    write_tokens(cfg, tokens)
+    return tokens, True
