@@ -1,0 +1,751 @@
+"""A local stand-in for the slice of GitHub that runner-pool touches.
+
+One HTTP origin plays both parts of github.com that matter to self-hosted
+runners:
+
+* the **REST API** the control plane calls (``/repos/{owner}/{repo}/...`` and
+  ``/orgs/{org}/...``): registration and removal tokens, list/get/delete
+  runners. Shapes, status codes and pagination (``per_page`` default 30, at
+  most 100) follow api.github.com, so :mod:`controlplane.github` runs against
+  it unchanged. Every call needs ``Authorization: token <pat>`` (or
+  ``Bearer``), else 401 ``Bad credentials``.
+* the **runner service** that ``config.sh`` and ``run.sh`` talk to
+  (``/_runner/register``, ``/_runner/remove``, ``/_runner/ping``). Only our
+  runner stand-in (``controlplane/local/actions_runner``) calls these; they
+  check the registration/removal token exactly where GitHub would (unknown,
+  expired, or issued for another repository or org), and a runner is
+  ``online`` while it has pinged within ``offline_after_s``.
+
+``/_control/*`` lets tests and the instance simulator inject faults into
+registration (fail, hang, delay), expire every token, read the whole state
+with per-endpoint request counts, and reset. The same operations exist as
+methods for in-process use, plus :meth:`GitHubStandIn.add_runner` to inject
+drift (a runner GitHub knows and no instance owns).
+
+Why the stand-in exists: provisioning is only accepted when every runner is
+registered, so the local default needs something that registers runners,
+rejects bad tokens and loses runners the way GitHub does, without network or
+secrets. It keeps everything in memory behind one lock; request handlers run
+in their own threads (``ThreadingHTTPServer``), and the only waits (the
+``delay`` and ``hang`` faults) are bounded and end early on :meth:`stop`.
+
+Differences from github.com worth knowing: scopes (a repository or an org)
+exist on first use unless ``scopes`` is given; names compare
+case-insensitively; ``--replace`` keeps the runner's id (as GitHub does) and
+invalidates the old registration's credential, so a ``run.sh`` still running
+under the old one sees 404 and exits.
+
+Run it as a process with ``python -m controlplane.local.github_standin --port 0
+--pat X``: it prints one line ``{"url": ...}`` and serves until SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+DEFAULT_PAT = "standin-pat"
+DEFAULT_TOKEN_TTL_S = 3600.0            # GitHub's registration and removal tokens live one hour
+DEFAULT_OFFLINE_AFTER_S = 10.0
+HANG_LIMIT_S = 300.0                    # a ``hang`` fault gives up after this, so no thread lives forever
+HANG_POLL_S = 0.05
+SERVE_POLL_S = 0.2
+STOP_JOIN_TIMEOUT_S = 5.0
+DEFAULT_PER_PAGE = 30
+MAX_PER_PAGE = 100
+DEFAULT_LABELS = ("self-hosted", "Linux", "X64")   # what config.sh adds without --no-default-labels
+FAULT_MODES = ("fail", "hang", "delay")
+RUNNER_STATUSES = ("online", "offline")
+REGISTRATION = "registration"
+REMOVAL = "removal"
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    """One injected fault.
+
+    ``name_contains`` selects ``/_runner/register`` requests by runner name;
+    ``path_contains`` selects any REST or runner request by path (e.g.
+    ``/actions/runners`` to make the API return 5xx). With both, both must
+    match. ``count`` is how many requests it still applies to (``None``:
+    always); ``status`` is the HTTP status of a ``fail``.
+    """
+
+    mode: str
+    name_contains: str | None = None
+    path_contains: str | None = None
+    delay_s: float = 0.0
+    count: int | None = None
+    status: int = 500
+
+    def matches(self, path: str, runner_name: str | None) -> bool:
+        if self.name_contains is not None and (runner_name is None or self.name_contains not in runner_name):
+            return False
+        return self.path_contains is None or self.path_contains in path
+
+
+@dataclass(frozen=True)
+class _Runner:
+    id: int
+    scope: str
+    name: str
+    labels: tuple[tuple[str, str], ...]     # (name, "read-only" | "custom")
+    credential: str                         # changes on --replace; stale pings get 404
+    last_ping_monotonic: float | None
+    fixed_status: str | None                # set by add_runner(): drift keeps its status
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str                               # REGISTRATION | REMOVAL
+    scope: str
+    expires_at: float                       # epoch seconds
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: Any = None                        # JSON-able; None sends no body
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    params: dict[str, str]                  # from the path template
+    query: dict[str, str]
+    body: Any
+
+
+class _Fail(Exception):
+    """Raised by a handler to answer with an error JSON ``{"message": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reply = _Reply(status, {"message": message})
+
+
+_Handler = Callable[["GitHubStandIn", _Request], _Reply]
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    template: str
+    pattern: re.Pattern[str]
+    handler: _Handler
+    kind: str                               # "api" (needs the PAT) | "runner" | "control"
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    """``/repos/{owner}/{repo}/actions/runners/{runner_id}`` -> an anchored regex."""
+    out = []
+    for i, part in enumerate(re.split(r"\{(\w+)\}", template)):
+        if i % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            out.append(f"(?P<{part}>[0-9]+)" if part == "runner_id" else f"(?P<{part}>[^/]+)")
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _scope_of(params: dict[str, str]) -> str:
+    if "org" in params:
+        return params["org"].lower()
+    return f"{params['owner']}/{params['repo']}".lower()
+
+
+def _scope_from_url(url: object) -> str:
+    """``http://host:port/owner/repo`` -> ``owner/repo``; ``.../org`` -> ``org``."""
+    if not isinstance(url, str):
+        raise _Fail(400, "url is required")
+    parts = [p for p in urlsplit(url).path.split("/") if p]
+    if len(parts) not in (1, 2):
+        raise _Fail(400, f"url must name a repository or an organization: {url}")
+    return "/".join(parts).lower()
+
+
+def _iso8601(epoch: float) -> str:
+    whole = int(epoch)
+    millis = int((epoch - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def _int_field(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Fail(400, f"{key} must be an integer")
+    return value
+
+
+def _str_field(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise _Fail(400, f"{key} is required")
+    return value
+
+
+def _body_dict(request: _Request) -> dict[str, Any]:
+    if not isinstance(request.body, dict):
+        raise _Fail(400, "a JSON object body is required")
+    return request.body
+
+
+def _labels_of(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Fail(400, "labels must be a list of strings")
+    return [v.strip() for v in value if v.strip()]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True                   # a hung handler never blocks process exit
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], standin: GitHubStandIn) -> None:
+        super().__init__(address, _RequestHandler)
+        self.standin = standin
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "GitHubStandIn/1"
+
+    def _dispatch(self) -> None:
+        self.server.standin._serve(self)
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read the request counts from ``/_control/state`` instead."""
+
+
+class GitHubStandIn:
+    """GitHub's runner REST API and runner service, in memory, on one local origin."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        pat: str = DEFAULT_PAT,
+        token_ttl_s: float = DEFAULT_TOKEN_TTL_S,
+        offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
+        scopes: Iterable[str] | None = None,
+    ) -> None:
+        """``scopes``: when given, only these repositories/orgs exist (others 404)."""
+        self.host = host
+        self.port = port
+        self.pat = pat
+        self.token_ttl_s = token_ttl_s
+        self.offline_after_s = offline_after_s
+        self.known_scopes = None if scopes is None else frozenset(s.lower() for s in scopes)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._url = ""
+        self._thread: threading.Thread | None = None
+        self._wipe()
+
+    def _wipe(self) -> None:
+        self._runners: dict[int, _Runner] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._faults: list[FaultRule] = []
+        self._fault_generation = 0          # bumped by clear/reset: releases ``hang`` faults
+        self._label_ids: dict[str, int] = {}
+        self._requests: Counter[str] = Counter()
+        self._tokens_issued = 0
+        self._next_runner_id = 1
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> GitHubStandIn:
+        """Bind and serve in a daemon thread; returns ``self``."""
+        if self._server is not None:
+            raise RuntimeError("the GitHub stand-in is already running")
+        self._stopping.clear()
+        self._server = _Server((self.host, self.port), self)
+        self._url = f"http://{self.host}:{self._server.server_port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S},
+            name="github-standin", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; requests held by ``hang``/``delay`` faults are answered 503."""
+        self._stopping.set()
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(STOP_JOIN_TIMEOUT_S)
+
+    def __enter__(self) -> GitHubStandIn:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``: the API base URL and the URL runners register against."""
+        if self._server is None:
+            raise RuntimeError("the GitHub stand-in is not running")
+        return self._url
+
+    # -- in-process control (the /_control endpoints call these) --------------------
+
+    def add_runner(
+        self, scope: str, name: str, labels: Sequence[str] = (), status: str = "offline",
+    ) -> int:
+        """Inject a runner GitHub knows about (drift); it keeps ``status``. Returns its id."""
+        if status not in RUNNER_STATUSES:
+            raise ValueError(f"status must be one of {RUNNER_STATUSES}, not {status!r}")
+        with self._lock:
+            runner = _Runner(
+                id=self._next_runner_id, scope=scope.lower(), name=name,
+                labels=tuple((label, "custom") for label in labels),
+                credential=secrets.token_hex(16), last_ping_monotonic=None, fixed_status=status,
+            )
+            self._next_runner_id += 1
+            self._runners[runner.id] = runner
+            return runner.id
+
+    def issue_token(self, scope: str, kind: str = REGISTRATION) -> tuple[str, float]:
+        """A new registration or removal token for ``scope``: ``(token, expires_at)``."""
+        if kind not in (REGISTRATION, REMOVAL):
+            raise ValueError(f"unknown token kind {kind!r}")
+        value = "A" + secrets.token_hex(14).upper()
+        expires_at = time.time() + self.token_ttl_s
+        with self._lock:
+            self._tokens[value] = _Token(kind=kind, scope=scope.lower(), expires_at=expires_at)
+            self._tokens_issued += 1
+        return value, expires_at
+
+    def add_fault(
+        self,
+        mode: str,
+        name_contains: str | None = None,
+        path_contains: str | None = None,
+        delay_s: float = 0.0,
+        count: int | None = None,
+        status: int = 500,
+    ) -> FaultRule:
+        """Add a fault rule (see :class:`FaultRule`)."""
+        if mode not in FAULT_MODES:
+            raise ValueError(f"mode must be one of {FAULT_MODES}, not {mode!r}")
+        if name_contains is None and path_contains is None:
+            raise ValueError("a fault needs name_contains or path_contains")
+        if count is not None and count < 1:
+            raise ValueError("count must be at least 1 (or null for always)")
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        rule = FaultRule(mode=mode, name_contains=name_contains, path_contains=path_contains,
+                         delay_s=float(delay_s), count=count, status=status)
+        with self._lock:
+            self._faults.append(rule)
+        return rule
+
+    def clear_faults(self) -> None:
+        """Remove every fault rule and release requests held by ``hang``."""
+        with self._lock:
+            self._faults.clear()
+            self._fault_generation += 1
+
+    def expire_tokens(self) -> int:
+        """Every token issued so far expires now. Returns how many."""
+        now = time.time()
+        with self._lock:
+            for value, token in self._tokens.items():
+                self._tokens[value] = replace(token, expires_at=min(token.expires_at, now))
+            return len(self._tokens)
+
+    def reset(self) -> None:
+        """Wipe runners, tokens, faults and counters (held ``hang`` requests are released)."""
+        with self._lock:
+            generation = self._fault_generation
+            self._wipe()
+            self._fault_generation = generation + 1
+
+    def state(self) -> dict[str, Any]:
+        """All runners (with their ``scope``), tokens issued, requests by path template."""
+        with self._lock:
+            runners = [self._runner_json(r, with_scope=True) for r in sorted(self._runners.values(),
+                                                                               key=lambda r: r.id)]
+            return {
+                "runners": runners,
+                "tokens_issued": self._tokens_issued,
+                "requests": dict(self._requests),
+                "faults": [asdict(f) for f in self._faults],
+            }
+
+    # -- HTTP plumbing -------------------------------------------------------------
+
+    def _serve(self, http: _RequestHandler) -> None:
+        split = urlsplit(http.path)
+        path = split.path.rstrip("/") or "/"
+        method = http.command
+        route, params = self._match(method, path)
+        with self._lock:
+            self._requests[f"{method} {route.template if route else path}"] += 1
+        reply = self._answer(http, route, params, path, split.query)
+        self._write(http, reply)
+
+    def _match(self, method: str, path: str) -> tuple[_Route | None, dict[str, str]]:
+        for route in ROUTES:
+            if route.method == method:
+                found = route.pattern.match(path)
+                if found:
+                    return route, found.groupdict()
+        return None, {}
+
+    def _answer(
+        self, http: _RequestHandler, route: _Route | None, params: dict[str, str], path: str, query: str,
+    ) -> _Reply:
+        if route is None:
+            return _Reply(404, {"message": "Not Found"})
+        try:
+            request = _Request(
+                method=route.method, path=path, params=params,
+                query={k: v[-1] for k, v in parse_qs(query).items()},
+                body=self._read_body(http),
+            )
+            if route.kind != "control":
+                held = self._apply_fault(request)
+                if held is not None:
+                    return held
+            if route.kind == "api":
+                if not self._authorized(http.headers.get("Authorization", "")):
+                    return _Reply(401, {"message": "Bad credentials",
+                                        "documentation_url": "https://docs.github.com/rest"})
+                if self.known_scopes is not None and _scope_of(params) not in self.known_scopes:
+                    return _Reply(404, {"message": "Not Found"})
+            return route.handler(self, request)
+        except _Fail as fail:
+            return fail.reply
+
+    def _read_body(self, http: _RequestHandler) -> Any:
+        try:
+            length = int(http.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise _Fail(400, "bad Content-Length") from None
+        if length <= 0:
+            return None
+        raw = http.rfile.read(length)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise _Fail(400, "Problems parsing JSON") from None
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, credential = header.partition(" ")
+        return scheme.lower() in ("token", "bearer") and secrets.compare_digest(credential.strip(), self.pat)
+
+    def _write(self, http: _RequestHandler, reply: _Reply) -> None:
+        payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+        try:
+            http.send_response(reply.status)
+            for key, value in reply.headers:
+                http.send_header(key, value)
+            if reply.body is not None:
+                http.send_header("Content-Type", "application/json; charset=utf-8")
+            http.send_header("Content-Length", str(len(payload)))
+            http.end_headers()
+            if payload:
+                http.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                            # the client gave up (its timeout); nothing to tell it
+
+    # -- faults ----------------------------------------------------------------------
+
+    def _apply_fault(self, request: _Request) -> _Reply | None:
+        """The reply a matching fault forces, or ``None`` to carry on normally."""
+        name = None
+        if request.path == "/_runner/register" and isinstance(request.body, dict):
+            raw_name = request.body.get("name")
+            name = raw_name if isinstance(raw_name, str) else None
+        with self._lock:
+            index = next((i for i, f in enumerate(self._faults) if f.matches(request.path, name)), None)
+            if index is None:
+                return None
+            rule = self._faults[index]
+            if rule.count is not None and rule.count <= 1:
+                del self._faults[index]
+            elif rule.count is not None:
+                self._faults[index] = replace(rule, count=rule.count - 1)
+            generation = self._fault_generation
+        if rule.mode == "fail":
+            return _Reply(rule.status, {"message": f"stand-in fault: {request.method} {request.path} failed"})
+        if rule.mode == "delay":
+            if self._stopping.wait(rule.delay_s):
+                return _Reply(503, {"message": "the GitHub stand-in is stopping"})
+            return None
+        give_up = time.monotonic() + HANG_LIMIT_S
+        while True:
+            with self._lock:
+                if self._fault_generation != generation:
+                    return None
+            if time.monotonic() >= give_up:
+                return _Reply(504, {"message": f"stand-in fault: hung for {HANG_LIMIT_S:.0f} s"})
+            if self._stopping.wait(HANG_POLL_S):
+                return _Reply(503, {"message": "the GitHub stand-in is stopping"})
+
+    # -- state helpers (call with the lock held) -------------------------------------
+
+    def _status(self, runner: _Runner) -> str:
+        if runner.fixed_status is not None:
+            return runner.fixed_status
+        last = runner.last_ping_monotonic
+        fresh = last is not None and time.monotonic() - last <= self.offline_after_s
+        return "online" if fresh else "offline"
+
+    def _label_id(self, name: str) -> int:
+        return self._label_ids.setdefault(name.lower(), len(self._label_ids) + 1)
+
+    def _runner_json(self, runner: _Runner, with_scope: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": runner.id,
+            "name": runner.name,
+            "os": "linux",
+            "status": self._status(runner),
+            "busy": False,
+            "labels": [{"id": self._label_id(n), "name": n, "type": t} for n, t in runner.labels],
+        }
+        if with_scope:
+            out["scope"] = runner.scope
+        return out
+
+    def _runner_in(self, scope: str, runner_id: int) -> _Runner | None:
+        runner = self._runners.get(runner_id)
+        return runner if runner is not None and runner.scope == scope else None
+
+    def _check_token(self, value: object, kind: str, scope: str) -> None:
+        token = self._tokens.get(value) if isinstance(value, str) else None
+        if token is None or token.kind != kind:
+            raise _Fail(401, f"unknown {kind} token")
+        if time.time() >= token.expires_at:
+            raise _Fail(401, f"{kind} token expired")
+        if token.scope != scope:
+            raise _Fail(401, f"{kind} token was issued for {token.scope}, not {scope}")
+
+    # -- REST API handlers -----------------------------------------------------------
+
+    def _create_token(self, request: _Request, kind: str) -> _Reply:
+        value, expires_at = self.issue_token(_scope_of(request.params), kind)
+        return _Reply(201, {"token": value, "expires_at": _iso8601(expires_at)})
+
+    def _registration_token(self, request: _Request) -> _Reply:
+        return self._create_token(request, REGISTRATION)
+
+    def _remove_token(self, request: _Request) -> _Reply:
+        return self._create_token(request, REMOVAL)
+
+    def _list_runners(self, request: _Request) -> _Reply:
+        try:
+            per_page = min(MAX_PER_PAGE, max(1, int(request.query.get("per_page", DEFAULT_PER_PAGE))))
+            page = max(1, int(request.query.get("page", 1)))
+        except ValueError:
+            raise _Fail(422, "per_page and page must be integers") from None
+        scope = _scope_of(request.params)
+        name = request.query.get("name")
+        with self._lock:
+            runners = sorted((r for r in self._runners.values() if r.scope == scope
+                              and (name is None or r.name.lower() == name.lower())), key=lambda r: r.id)
+            window = [self._runner_json(r) for r in runners[(page - 1) * per_page: page * per_page]]
+        last_page = max(1, -(-len(runners) // per_page))
+        return _Reply(200, {"total_count": len(runners), "runners": window},
+                      headers=self._link_header(request, per_page, page, last_page))
+
+    def _link_header(self, request: _Request, per_page: int, page: int, last: int) -> tuple[tuple[str, str], ...]:
+        """GitHub's ``Link`` header, for clients that paginate by following it."""
+        def link(target: int, rel: str) -> str:
+            query = urlencode({**request.query, "per_page": per_page, "page": target})
+            return f'<{self._url}{request.path}?{query}>; rel="{rel}"'
+
+        rels = []
+        if page > 1:
+            rels += [link(page - 1, "prev"), link(1, "first")]
+        if page < last:
+            rels += [link(page + 1, "next"), link(last, "last")]
+        return (("Link", ", ".join(rels)),) if rels else ()
+
+    def _get_runner(self, request: _Request) -> _Reply:
+        with self._lock:
+            runner = self._runner_in(_scope_of(request.params), int(request.params["runner_id"]))
+            if runner is None:
+                return _Reply(404, {"message": "Not Found"})
+            return _Reply(200, self._runner_json(runner))
+
+    def _delete_runner(self, request: _Request) -> _Reply:
+        with self._lock:
+            runner = self._runner_in(_scope_of(request.params), int(request.params["runner_id"]))
+            if runner is None:
+                return _Reply(404, {"message": "Not Found"})
+            del self._runners[runner.id]
+            return _Reply(204)
+
+    # -- runner service handlers -----------------------------------------------------
+
+    def _register(self, request: _Request) -> _Reply:
+        body = _body_dict(request)
+        scope = _scope_from_url(body.get("url"))
+        name = _str_field(body, "name")
+        custom = _labels_of(body.get("labels"))
+        system = list(DEFAULT_LABELS) if body.get("default_labels") else []
+        labels = tuple((n, "read-only") for n in system) + tuple(
+            (n, "custom") for n in custom if n.lower() not in {s.lower() for s in system})
+        with self._lock:
+            self._check_token(body.get("token"), REGISTRATION, scope)
+            existing = next((r for r in self._runners.values()
+                             if r.scope == scope and r.name.lower() == name.lower()), None)
+            if existing is not None and not body.get("replace"):
+                raise _Fail(409, f"a runner named {name} already exists in {scope}")
+            if existing is not None:
+                runner = replace(existing, name=name, labels=labels, credential=secrets.token_hex(16),
+                                 last_ping_monotonic=None, fixed_status=None)
+            else:
+                runner = _Runner(id=self._next_runner_id, scope=scope, name=name, labels=labels,
+                                 credential=secrets.token_hex(16), last_ping_monotonic=None, fixed_status=None)
+                self._next_runner_id += 1
+            self._runners[runner.id] = runner
+        return _Reply(200, {"id": runner.id, "name": runner.name, "credential": runner.credential})
+
+    def _remove(self, request: _Request) -> _Reply:
+        body = _body_dict(request)
+        scope = _scope_from_url(body.get("url"))
+        runner_id = _int_field(body, "id")
+        with self._lock:
+            self._check_token(body.get("token"), REMOVAL, scope)
+            if self._runner_in(scope, runner_id) is None:
+                return _Reply(404, {"message": "Not Found"})
+            del self._runners[runner_id]
+        return _Reply(204)
+
+    def _ping(self, request: _Request) -> _Reply:
+        body = _body_dict(request)
+        runner_id = _int_field(body, "id")
+        credential = body.get("credential")
+        with self._lock:
+            runner = self._runners.get(runner_id)
+            if runner is None:
+                return _Reply(404, {"message": "runner not found: its registration was removed"})
+            if credential is not None and credential != runner.credential:
+                return _Reply(404, {"message": "runner registration was replaced"})
+            self._runners[runner_id] = replace(runner, last_ping_monotonic=time.monotonic())
+        return _Reply(204)
+
+    # -- control handlers --------------------------------------------------------------
+
+    def _control_add_fault(self, request: _Request) -> _Reply:
+        body = _body_dict(request)
+        count = body.get("count")
+        try:
+            rule = self.add_fault(
+                mode=str(body.get("mode", "fail")),
+                name_contains=body.get("name_contains"),
+                path_contains=body.get("path_contains"),
+                delay_s=float(body.get("delay_s") or 0.0),
+                count=None if count is None else int(count),
+                status=int(body.get("status") or 500),
+            )
+        except (TypeError, ValueError) as exc:
+            raise _Fail(400, str(exc)) from None
+        return _Reply(201, asdict(rule))
+
+    def _control_clear_faults(self, _: _Request) -> _Reply:
+        self.clear_faults()
+        return _Reply(204)
+
+    def _control_expire_tokens(self, _: _Request) -> _Reply:
+        return _Reply(200, {"expired": self.expire_tokens()})
+
+    def _control_state(self, _: _Request) -> _Reply:
+        return _Reply(200, self.state())
+
+    def _control_reset(self, _: _Request) -> _Reply:
+        self.reset()
+        return _Reply(204)
+
+
+def _routes() -> tuple[_Route, ...]:
+    S = GitHubStandIn
+    api: list[tuple[str, str, _Handler]] = [
+        ("POST", "/actions/runners/registration-token", S._registration_token),
+        ("POST", "/actions/runners/remove-token", S._remove_token),
+        ("GET", "/actions/runners", S._list_runners),
+        ("GET", "/actions/runners/{runner_id}", S._get_runner),
+        ("DELETE", "/actions/runners/{runner_id}", S._delete_runner),
+    ]
+    routes = [
+        _Route(method, prefix + suffix, _compile(prefix + suffix), handler, "api")
+        for prefix in ("/repos/{owner}/{repo}", "/orgs/{org}")
+        for method, suffix, handler in api
+    ]
+    others: list[tuple[str, str, _Handler, str]] = [
+        ("POST", "/_runner/register", S._register, "runner"),
+        ("POST", "/_runner/remove", S._remove, "runner"),
+        ("POST", "/_runner/ping", S._ping, "runner"),
+        ("POST", "/_control/faults", S._control_add_fault, "control"),
+        ("DELETE", "/_control/faults", S._control_clear_faults, "control"),
+        ("POST", "/_control/expire-tokens", S._control_expire_tokens, "control"),
+        ("GET", "/_control/state", S._control_state, "control"),
+        ("POST", "/_control/reset", S._control_reset, "control"),
+    ]
+    routes += [_Route(method, path, _compile(path), handler, kind) for method, path, handler, kind in others]
+    return tuple(routes)
+
+
+ROUTES = _routes()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controlplane.local.github_standin",
+                                     description="Serve the local GitHub stand-in until SIGTERM.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--pat", default=DEFAULT_PAT, help="the token API callers must present")
+    parser.add_argument("--token-ttl-s", type=float, default=DEFAULT_TOKEN_TTL_S)
+    parser.add_argument("--offline-after-s", type=float, default=DEFAULT_OFFLINE_AFTER_S)
+    parser.add_argument("--scope", action="append", default=None,
+                        help="only this repository/org exists (repeatable; default: any, on first use)")
+    args = parser.parse_args(argv)
+
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    standin = GitHubStandIn(host=args.host, port=args.port, pat=args.pat, token_ttl_s=args.token_ttl_s,
+                            offline_after_s=args.offline_after_s, scopes=args.scope)
+    standin.start()
+    try:
+        print(json.dumps({"url": standin.url}), flush=True)
+        while not stopped.wait(SERVE_POLL_S):
+            pass
+    finally:
+        standin.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
