@@ -1,0 +1,155 @@
+"""The state machine over the emulator's DynamoDB: every edge, lost races, pagination."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from controlplane import aws, store
+from controlplane.config import parse_config
+from controlplane.records import InstanceRecord, State
+from controlplane.state import TERMINATED_RETENTION_S, TRANSITIONS, transition
+from controlplane.store import Pool
+from tests.conftest import pool_config_dict
+
+
+@pytest.fixture
+def pool(local: dict[str, Any]) -> Pool:
+    cfg = parse_config(pool_config_dict(local))
+    store.ensure_table(cfg)
+    acct, part = aws.account_and_partition(cfg.region)
+    p = Pool(cfg, acct, part)
+    yield p
+    store.delete_table(cfg)
+
+
+def row(pool: Pool, state: State, run_id: str | None = None, threshold_in: float = 300, iid: str | None = None
+        ) -> InstanceRecord:
+    iid = iid or f"i-{uuid.uuid4().hex[:17]}"
+    now = time.time()
+    r = InstanceRecord(arn=pool.arn(iid), state=state, threshold=now + threshold_in, resource_class="small",
+                       instance_type="c5a.large", usage_class="on-demand", subnet_id="subnet-1", launched_at=now,
+                       run_id=run_id)
+    store.put_record(pool, r)
+    return r
+
+
+def move(pool: Pool, r: InstanceRecord, to: State, run_id: Any, **kw: Any) -> Any:
+    now = time.time()
+    return transition(pool.table, pool.region, r.arn, from_=r.state, to=to, run_id=run_id,
+                      threshold=now + 60, now=now, **kw)
+
+
+@pytest.mark.parametrize("edge", sorted(TRANSITIONS, key=lambda e: (e[0].value, e[1].value)),
+                         ids=lambda e: f"{e[0]}-{e[1]}")
+def test_every_transition_in_the_table_wins_when_the_row_is_as_expected(pool: Pool, edge: tuple[State, State]) -> None:
+    from_, to = edge
+    run = None if from_ in (State.IDLE, State.DRAINING) else "run-1"
+    r = row(pool, from_, run)
+    new_run: Any = "run-2" if (from_, to) == (State.IDLE, State.CLAIMED) else (None if to in (
+        State.DRAINING, State.TERMINATED) else run)
+    t = move(pool, r, to, run, new_run_id=new_run)
+    assert t.won, t.reason
+    got = store.get_record(pool, r.instance_id)
+    assert got is not None and got.state is to and got.version == 2
+    assert got.run_id == new_run
+    if to is State.TERMINATED:
+        assert got.expires_at is not None and got.expires_at >= time.time() + TERMINATED_RETENTION_S - 5
+
+
+def test_an_edge_not_in_the_table_is_refused_before_any_call(pool: Pool) -> None:
+    r = row(pool, State.IDLE)
+    with pytest.raises(ValueError, match="no transition idle -> running"):
+        move(pool, r, State.RUNNING, None)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("wrong_state", "state is running, not idle"),
+    ("wrong_run", "run is run-x, not none"),
+    ("expired", "threshold passed"),
+    ("missing", "no such row"),
+])
+def test_a_lost_race_is_a_value_that_says_why(pool: Pool, case: str, reason: str) -> None:
+    if case == "wrong_state":
+        r = row(pool, State.RUNNING)
+    elif case == "wrong_run":
+        r = row(pool, State.IDLE, run_id="run-x")
+    elif case == "expired":
+        r = row(pool, State.IDLE, threshold_in=-5)
+    else:
+        r = InstanceRecord(arn=pool.arn("i-0000000000000dead"), state=State.IDLE, threshold=0, resource_class="s",
+                           instance_type="t", usage_class="on-demand", subnet_id="s", launched_at=0)
+    t = transition(pool.table, pool.region, r.arn, from_=State.IDLE, to=State.CLAIMED, run_id=None,
+                   new_run_id="run-1", threshold=time.time() + 60, now=time.time())
+    assert not t.won and t.reason == reason
+    if case != "missing":
+        assert store.get_record(pool, r.instance_id) == t.record          # untouched, and reported as it is
+
+
+def _race(pool: Pool, ids: list[str], threads: int) -> dict[str, list[str]]:
+    barrier = threading.Barrier(threads)
+    winners: dict[str, list[str]] = {i: [] for i in ids}
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        barrier.wait()
+        for iid in ids[n % len(ids):] + ids[:n % len(ids)]:
+            now = time.time()
+            t = transition(pool.table, pool.region, pool.arn(iid), from_=State.IDLE, to=State.CLAIMED, run_id=None,
+                           new_run_id=f"run-{n}", threshold=now + 60, now=now)
+            if t.won:
+                with lock:
+                    winners[iid].append(f"run-{n}")
+                return
+
+    ts = [threading.Thread(target=claimer, args=(n,)) for n in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return winners
+
+
+def test_two_threads_claiming_one_idle_row_exactly_one_wins_200_times(pool: Pool) -> None:
+    doubles = 0
+    for _ in range(200):
+        r = row(pool, State.IDLE)
+        won = _race(pool, [r.instance_id], 2)[r.instance_id]
+        assert len(won) >= 1
+        doubles += len(won) > 1
+        got = store.get_record(pool, r.instance_id)
+        assert got is not None and got.state is State.CLAIMED and got.run_id == won[0]
+    assert doubles == 0
+
+
+def test_32_threads_racing_on_16_idle_rows_give_16_distinct_winners(pool: Pool) -> None:
+    ids = [row(pool, State.IDLE).instance_id for _ in range(16)]
+    winners = _race(pool, ids, 32)
+    assert all(len(w) == 1 for w in winners.values()), winners
+    runs = [w[0] for w in winners.values()]
+    assert len(set(runs)) == 16                                  # no thread holds two rows
+    rows = store.read_set(pool, ids)
+    assert {rows[i][0].run_id for i in ids} == set(runs)         # the table agrees with the winners
+
+
+def test_queries_page_through_more_than_a_megabyte_of_rows(pool: Pool) -> None:
+    ddb = aws.client("dynamodb", pool.region)
+    pad = "x" * 1200
+    n = 1000
+    reqs = []
+    for k in range(n):
+        r = InstanceRecord(arn=pool.arn(f"i-{k:017x}"), state=State.IDLE, threshold=time.time() - 1,
+                           resource_class="small", instance_type="c5a.large", usage_class="on-demand",
+                           subnet_id="subnet-1", launched_at=time.time(), run_id="big-run" if k % 2 else None)
+        item = r.to_item()
+        item["pad"] = {"S": pad}
+        reqs.append({"PutRequest": {"Item": item}})
+    store._batch_write(pool, reqs)
+    pages = list(ddb.get_paginator("scan").paginate(TableName=pool.table))
+    assert len(pages) > 1                                         # the emulator pages at 1 MB like DynamoDB
+    assert len(store.all_records(pool)) == n
+    assert len(store.records_in_state(pool, State.IDLE, threshold_before=time.time())) == n
+    assert len(store.run_records(pool, "big-run")) == n // 2
