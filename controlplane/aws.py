@@ -1,9 +1,12 @@
 """The one place that talks to boto3.
 
-Why clients are built per call: Pulumi pickles dynamic providers with dill and
-a boto3 client holds an ``SSLContext`` that cannot be pickled, so nothing in
-the control plane keeps a client on an object. Building a client costs about a
-millisecond (botocore caches the service models), far less than one call.
+Why clients live here and nowhere else: Pulumi pickles dynamic providers with
+dill and a boto3 client holds an ``SSLContext`` that cannot be pickled, so no
+object of the control plane keeps a client. Building one is not free (tens of
+milliseconds, more under thread contention), so this module caches clients
+per process, keyed by everything that changes what a client talks to
+(service, region, retry policy, endpoint, credentials in the environment).
+boto3 clients are thread-safe; sessions are not, so each is built under a lock.
 
 Every client:
 
@@ -104,11 +107,22 @@ def _config(region: str, attempts: int) -> Config:
     )
 
 
+_clients: dict[tuple[str, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
 def client(service: str, region: str, *, attempts: int = MAX_ATTEMPTS) -> Any:
-    """A fresh boto3 client for ``service`` in ``region`` (never store it)."""
-    session = boto3.session.Session()
-    c = session.client(service, config=_config(region, attempts))
-    c.meta.events.register("before-call", _count_call)
+    """A boto3 client for ``service`` in ``region`` (cached here; never store it elsewhere)."""
+    key = (service, region, str(attempts), os.environ.get("AWS_ENDPOINT_URL", ""),
+           os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_PROFILE", ""))
+    c = _clients.get(key)
+    if c is None:
+        with _clients_lock:
+            c = _clients.get(key)
+            if c is None:
+                c = boto3.session.Session().client(service, config=_config(region, attempts))
+                c.meta.events.register("before-call", _count_call)
+                _clients[key] = c
     return c
 
 
