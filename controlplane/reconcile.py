@@ -106,7 +106,9 @@ def plan(snap: Snapshot) -> list[Action]:
             actions.append(Action("close_row", iid, f"row is {row.state} but the instance is gone from EC2",
                                   state=row.state.value, run_id=row.run_id))
     if snap.runners is not None:
-        live_ids = {iid for iid in live_ec2 if rows.get(iid) is None or rows[iid].state is not State.TERMINATED}
+        # Runners of instances this plan terminates go too: one pass converges.
+        doomed = {a.target for a in actions if a.kind == "terminate_instance"}
+        live_ids = {iid for iid in live_ec2 if iid not in doomed}
         for runner in snap.runners:
             if snap.pool_label and snap.pool_label not in runner.labels:
                 continue

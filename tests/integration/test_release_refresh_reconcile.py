@@ -160,7 +160,9 @@ def test_reconcile_finds_and_fixes_each_kind_of_drift(make_pool: Any, emu: Emu, 
     dry = reconcile(pool, dry_run=True, clock=_Later(600))
     found = {(x.kind, x.target) for x in dry.actions}
     ghost_runner = [r.id for r in gh.list_runners() if r.name == "i-00000000000dead00-1"]
-    assert found == {("terminate_instance", lose_row), ("close_row", ghost), ("delete_runner", str(ghost_runner[0]))}
+    orphan_runner = [r.id for r in gh.list_runners() if r.name.startswith(lose_row)]   # goes with its instance
+    assert found == {("terminate_instance", lose_row), ("close_row", ghost),
+                     ("delete_runner", str(ghost_runner[0])), ("delete_runner", str(orphan_runner[0]))}
     assert ec2_states(pool, [lose_row])[lose_row] == "running"          # dry run changed nothing
     fixed = reconcile(pool, clock=_Later(600))
     assert not fixed.failed and {(x.kind, x.target) for x in fixed.applied} == found

@@ -59,3 +59,8 @@ def test_a_runner_with_no_live_instance_is_removed_but_other_pools_runners_are_l
 def test_without_github_access_runners_are_not_judged() -> None:
     snap = Snapshot([rec("i-a", State.IDLE)], [inst("i-a")], None, NOW, "runner-pool-p")
     assert plan(snap) == []
+
+
+def test_the_runner_of_an_instance_being_terminated_goes_in_the_same_pass() -> None:
+    snap = Snapshot([], [inst("i-orphan")], [runner(7, "i-orphan-1")], NOW, "runner-pool-p")
+    assert kinds(plan(snap)) == [("delete_runner", "7"), ("terminate_instance", "i-orphan")]
