@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+EXPECTED_PHASES = 11
 DEMO_TIMINGS = {"heartbeat_interval_s": 2, "heartbeat_stale_s": 8, "validation_timeout_s": 60,
                 "deregistration_timeout_s": 30}
 
@@ -85,7 +86,7 @@ def run_demo(json_output: bool = False, state_dir: Path | None = None) -> int:
         state, _ = control.start(state_dir)
         os.environ.update(control.env_vars(state))
         ctx["state"] = state
-        return True, f"AWS emulator {state['aws_url']}, GitHub stand-in {state['github_url']}", {}, None
+        return True, f"AWS emulator {state['aws_url']}, GitHub stand-in {state['github_url']}", {}, True
 
     def apply() -> Any:
         example = Path(__file__).resolve().parents[1] / "examples" / "pool.yaml"
@@ -173,7 +174,7 @@ def run_demo(json_output: bool = False, state_dir: Path | None = None) -> int:
 
             shutil.rmtree(state_dir, ignore_errors=True)
 
-    ok = all(p.ok for p in demo.phases)
+    ok = all(p.ok for p in demo.phases) and len(demo.phases) == EXPECTED_PHASES
     hits = sum(r["from_pool"] for r in runs if r["ok"])
     total = sum(r["from_pool"] + r["created"] for r in runs if r["ok"])
     report = {

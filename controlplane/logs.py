@@ -73,14 +73,14 @@ class Progress:
         if self.enabled:
             print(text, file=self.stream, flush=True)
 
-    def update(self, text: str, min_interval_s: float = 1.0) -> None:
-        """Print ``text`` if it changed, at most once a second otherwise."""
+    def update(self, text: str, key: str | None = None, min_interval_s: float = 5.0) -> None:
+        """Print ``text`` when ``key`` (default: the text) changes, else at most every few seconds."""
         now = time.monotonic()
-        if not self.enabled or (text == self._last and now - self._last_at < min_interval_s):
+        key = text if key is None else key
+        if not self.enabled or (key == self._last and now - self._last_at < min_interval_s):
             return
-        if text != self._last or now - self._last_at >= min_interval_s:
-            print(f"  {text}", file=self.stream, flush=True)
-            self._last, self._last_at = text, now
+        print(f"  {text}", file=self.stream, flush=True)
+        self._last, self._last_at = key, now
 
 
 QUIET = Progress(enabled=False)

@@ -138,7 +138,8 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
                 confirmed.add(iid)
             elif record is None or agent is None or not agent.is_healthy(now, cfg.heartbeat_stale_s):
                 dead.add(iid)
-        progress.update(f"{len(confirmed)} of {len(ids)} deregistered ({deadline.elapsed_s:.1f} s)")
+        progress.update(f"{len(confirmed)} of {len(ids)} deregistered ({deadline.elapsed_s:.1f} s)",
+                        key=f"{len(confirmed)}/{len(ids)}")
         return len(confirmed | dead) == len(ids)
 
     if ids:

@@ -74,7 +74,7 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
             if fresh and agent.registered_for(run_id):
                 ready.append(iid)
         res.ready, res.failed, res.healthy = ready, failed, healthy
-        progress.update(f"{len(ready)} of {len(ids)} ready ({deadline.elapsed_s:.1f} s)")
+        progress.update(f"{len(ready)} of {len(ids)} ready ({deadline.elapsed_s:.1f} s)", key=f"{len(ready)}/{len(ids)}")
         return bool(failed) or len(ready) == len(ids)
 
     done = wait_until(poll, deadline, POLL_INTERVAL_S)
