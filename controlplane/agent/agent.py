@@ -1,0 +1,619 @@
+"""The instance agent: one process per EC2 instance, from boot to power-off.
+
+Contract (docs/architecture.md): the agent learns who it is from IMDSv2 only,
+reads only its own state row (``pk=<instance ARN>, sk=state``, consistent
+GetItem), writes only its own agent row (``pk=agent#<ARN>, sk=agent``, always
+UpdateItem, never PutItem) and reads only the SSM parameter
+``RP_TOKEN_PARAM``; the instance policy pins it to exactly that. The control
+plane moves the state row and the agent follows it:
+
+* the row names a run (state created/claimed/running) -> register a runner
+  named ``<instance-id>-<n>``, labelled ``<run>,<pool label>``, start
+  ``run.sh`` and signal ``registered``;
+* the row no longer names that run (release, rollback, another run) -> stop
+  ``run.sh``, remove the runner from GitHub with a removal token, and only then
+  signal ``deregistered``; only after that may it register again;
+* the row is ``terminated``, its threshold passed 60 s ago, it never appeared,
+  the instance is too old, DynamoDB has been unreachable too long, or
+  registration keeps failing -> signal ``shutdown`` and power off. No
+  instance outlives its row, and no agent waits forever.
+
+Why it differs from the reference's bash loop (notes §11, §14): the
+heartbeat runs from the agent's first second (the reference only beat after
+the pre-runner script and the download, so a slow bootstrap looked dead);
+deregistration is a real ``config.sh remove --token`` (tokenless removal left
+offline runners on GitHub); an instance whose row never appears still shuts
+itself down; every wait has a deadline; tokens come from SSM and are never
+logged or written to disk (they are passed to ``config.sh`` as an argument,
+as the runner requires).
+
+Python >= 3.9, stdlib + boto3 only: this exact file ships (comments blanked)
+inside the user data, and the local simulator runs that same user data.
+Configuration is the environment: the ``RP_*`` values the user data bakes
+and the ``RUNNER_POOL_*`` overrides (see docs/architecture.md and ``NUMBERS``
+below). Logs are one JSON line per event on stderr, with secrets scrubbed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+RUN_STATES = ("created", "claimed", "running")     # a run_id in these states means: be registered for it
+ROW_TTL_S = 86400                                  # each heartbeat pushes the agent row's TTL a day ahead
+LISTENING = b"Listening for Jobs"
+RUNNER_DELETED = 2                                 # run.sh exit code: the runner was deleted on GitHub
+LOCAL_FILES = (".runner", ".credentials", ".credentials_rsaparams")
+REQUIRED = ("RP_TABLE", "RP_TOKEN_PARAM", "RP_GITHUB_URL", "RP_GITHUB_SCOPE", "RP_POOL_LABEL")
+# Tunables (environment name -> default); Cfg exposes RP_HEARTBEAT_S as cfg.heartbeat_s and so on.
+NUMBERS = {
+    "RP_HEARTBEAT_S": 5, "RP_LOST_CONTACT_S": 300, "RP_MAX_LIFETIME_S": 86400, "RP_NO_ROW_TIMEOUT_S": 600,
+    "RP_REGISTRATION_ATTEMPTS": 3,
+    "RP_REGISTRATION_TIMEOUT_S": 60,     # one config.sh run (it may hang: its group is killed then)
+    "RP_REGISTRATION_BACKOFF_S": 2,      # pause before the 2nd attempt, doubled for each next one
+    "RP_LISTEN_TIMEOUT_S": 60,           # wait for run.sh to print "Listening for Jobs"
+    "RP_STOP_TIMEOUT_S": 30,             # run.sh: SIGTERM, then SIGKILL after this
+    "RP_PRERUNNER_TIMEOUT_S": 900,
+    "RP_IDLE_POLL_S": 0.5,               # state-row poll while holding no registration
+    "RP_RUN_POLL_S": 1,                  # ... and while registered
+    "RP_THRESHOLD_GRACE_S": 60, "RP_IMDS_TIMEOUT_S": 120,
+}
+AWS_ERRORS = (ClientError, BotoCoreError, ValueError, KeyError, TypeError)
+
+
+class AgentError(Exception):
+    """The agent cannot work at all (no config, no IMDS): it powers the instance off."""
+
+
+class Cfg:
+    """The environment, checked once."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        missing = [k for k in REQUIRED if not env.get(k)]
+        if missing:
+            raise AgentError("missing environment: " + ", ".join(missing))
+        self.pool = env.get("RP_POOL", "")
+        self.table = env["RP_TABLE"]
+        self.region = env.get("RP_REGION", "")
+        self.token_param = env["RP_TOKEN_PARAM"]
+        self.url = env["RP_GITHUB_URL"].rstrip("/") + "/" + env["RP_GITHUB_SCOPE"].strip("/")
+        self.label = env["RP_POOL_LABEL"]
+        self.home = env.get("RUNNER_POOL_HOME") or "/opt/runner-pool"
+        self.runner_dir = env.get("RUNNER_POOL_RUNNER_DIR") or os.path.join(self.home, "actions-runner")
+        self.prerunner = env.get("RP_PRERUNNER_FILE") or os.path.join(self.home, "prerunner.sh")
+        self.shell = shlex.split(env.get("RUNNER_POOL_PRERUNNER_SHELL") or "/bin/bash")
+        self.imds = (env.get("RUNNER_POOL_IMDS_ENDPOINT") or "http://169.254.169.254").rstrip("/")
+        self.endpoint = env.get("AWS_ENDPOINT_URL") or None
+        for name, default in NUMBERS.items():
+            try:
+                value = float(env.get(name) or default)
+            except ValueError:
+                raise AgentError(f"{name}={env.get(name)!r} is not a number") from None
+            setattr(self, name[3:].lower(), max(0.0, value))
+        self.attempts = max(1, int(self.registration_attempts))
+
+
+def shutdown_cmd() -> list[str]:
+    return shlex.split(os.environ.get("RUNNER_POOL_SHUTDOWN_CMD") or "shutdown -h now")
+
+
+class Log:
+    """``log(event, detail, **fields)``: one JSON line on stderr; known secrets become ``***``."""
+
+    def __init__(self) -> None:
+        self.instance_id = ""
+        self.run_id: str | None = None
+        self.secrets: set = set()
+        self.lock = threading.RLock()
+
+    def secret(self, value: str) -> str:
+        with self.lock:
+            self.secrets.add(value)
+        return value
+
+    def scrub(self, text: str) -> str:
+        with self.lock:
+            secrets = list(self.secrets)
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def __call__(self, event: str, detail: Any = "", **fields: Any) -> None:
+        rec = {"ts": round(time.time(), 3), "instance_id": self.instance_id, "run_id": self.run_id,
+               "event": event, "detail": str(detail)}
+        rec.update(fields)
+        line = self.scrub(json.dumps(rec))
+        with self.lock:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+def identity(base: str, timeout_s: float, log: Log) -> tuple[dict[str, Any], str]:
+    """Identity document and partition from IMDSv2, retried until ``timeout_s``.
+
+    A session token from ``PUT /latest/api/token``, then GETs with it; there is
+    deliberately no IMDSv1 fallback (the launch template requires tokens).
+    Proxies are bypassed: IMDS is link-local.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(path: str, headers: dict[str, str], method: str = "GET") -> str:
+        req = urllib.request.Request(base + path, method=method, headers=headers)
+        with opener.open(req, timeout=2) as resp:
+            return resp.read().decode()
+
+    deadline, delay = time.monotonic() + timeout_s, 0.2
+    while True:
+        try:
+            token = call("/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, "PUT")
+            auth = {"X-aws-ec2-metadata-token": token}
+            doc = json.loads(call("/latest/dynamic/instance-identity/document", auth))
+            partition = call("/latest/meta-data/services/partition", auth).strip()
+            if not (doc.get("instanceId") and doc.get("region") and doc.get("accountId") and partition):
+                raise ValueError("incomplete identity document")
+            return doc, partition
+        except (OSError, ValueError) as exc:            # URLError and timeouts are OSErrors
+            if time.monotonic() + delay > deadline:
+                raise AgentError(f"no identity from IMDS within {timeout_s:.0f} s: {exc}") from None
+            log("imds_retry", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Aws:
+    """The three calls the instance policy allows. Clients retry adaptively, with timeouts."""
+
+    def __init__(self, cfg: Cfg, region: str, arn: str) -> None:
+        self.cfg = cfg
+        self.region = region
+        self.state_key = {"pk": {"S": arn}, "sk": {"S": "state"}}
+        self.agent_key = {"pk": {"S": "agent#" + arn}, "sk": {"S": "agent"}}
+        self.last_ok = time.monotonic()                 # last successful DynamoDB call, any thread
+        self.ddb = self.client("dynamodb", 5, 10)       # low-level clients are thread-safe
+        self.ssm: Any = None                            # made on first use: an idle agent never needs it
+        self.quick: Any = None
+
+    def client(self, service: str, attempts: int, read_s: float) -> Any:
+        conf = Config(region_name=self.region, retries={"mode": "adaptive", "total_max_attempts": attempts},
+                      connect_timeout=3, read_timeout=read_s)
+        return boto3.session.Session().client(service, config=conf, endpoint_url=self.cfg.endpoint)
+
+    def state(self) -> dict[str, Any] | None:
+        item = self.ddb.get_item(TableName=self.cfg.table, Key=self.state_key, ConsistentRead=True)
+        item = item.get("Item")
+        self.last_ok = time.monotonic()
+        if item is None:
+            return None
+        return {k: (float(v["N"]) if "N" in v else v.get("S")) for k, v in item.items()}
+
+    def update(self, sets: dict[str, Any], removes: tuple[str, ...] = (), quick: bool = False) -> None:
+        """SET ``sets`` and REMOVE ``removes`` on this instance's agent row (UpdateItem only)."""
+        keys = sorted(sets) + list(removes)
+        names = {f"#a{i}": k for i, k in enumerate(keys)}
+        values = {f":a{i}": {"N": repr(round(float(v), 3))} if isinstance(v, (int, float)) else {"S": str(v)}
+                  for i, v in enumerate(sets[k] for k in keys if k in sets)}
+        expr = "SET " + ", ".join(f"#a{i} = :a{i}" for i, k in enumerate(keys) if k in sets)
+        if removes:
+            expr += " REMOVE " + ", ".join(f"#a{i}" for i, k in enumerate(keys) if k not in sets)
+        if quick and self.quick is None:                # best effort on the way out: 2 tries, short timeouts
+            self.quick = self.client("dynamodb", 2, 4)
+        (self.quick if quick else self.ddb).update_item(
+            TableName=self.cfg.table, Key=self.agent_key, UpdateExpression=expr,
+            ExpressionAttributeNames=names, ExpressionAttributeValues=values)
+        self.last_ok = time.monotonic()
+
+    def token(self, kind: str) -> str:
+        if self.ssm is None:
+            self.ssm = self.client("ssm", 5, 10)
+        value = self.ssm.get_parameter(Name=self.cfg.token_param, WithDecryption=True)["Parameter"]["Value"]
+        token = json.loads(value)[kind]
+        if not token:
+            raise ValueError(f"no {kind} token in {self.cfg.token_param}")
+        return str(token)
+
+
+def run(argv: list[str], cwd: str, log_path: str, timeout_s: float,
+        abort: threading.Event | None = None) -> tuple[int | None, str]:
+    """Run ``argv`` in its own process group, output appended to ``log_path``.
+
+    The group is SIGKILLed at the deadline or when ``abort`` is set; the exit
+    code is then ``None``. Returns the code and the tail of this run's output.
+    """
+    with open(log_path, "ab") as out:
+        start = out.tell()
+        proc = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline or (abort is not None and abort.is_set()):
+            kill(proc.pid, signal.SIGKILL)
+            reap(proc, 5)
+            return None, output_tail(log_path, start)
+        reap(proc, 0.1)
+    return proc.returncode, output_tail(log_path, start)
+
+
+def child_env() -> dict[str, str]:
+    return dict(os.environ, RUNNER_ALLOW_RUNASROOT="1")     # cloud-init runs us as root: runner wants this
+
+
+def reap(proc: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def kill(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        pass
+
+
+def output_tail(path: str, start: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())[-300:]
+
+
+class Agent:
+    """The main loop (main thread) and the heartbeat (its own thread)."""
+
+    def __init__(self, cfg: Cfg, log: Log, aws: Aws, instance_id: str) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.aws = aws
+        self.instance_id = instance_id
+        self.wake = threading.Event()                   # set by a stop request: cuts every wait short
+        self.stop_reason: str | None = None
+        self.run_id: str | None = None               # the run this instance is registered for
+        self.name: str | None = None                 # its runner's name
+        self.proc: subprocess.Popen | None = None    # run.sh
+        self.count = 0                                  # the <n> of <instance-id>-<n>
+        self.redos = 0                                  # re-registrations for the current run
+        self.pending: tuple | None = None            # a signal not yet written
+        self.acked: str | None = None                # last run we signalled ``deregistered`` for
+        self.booted = self.row_seen = time.monotonic()
+        self.config_log = os.path.join(cfg.home, "config.log")
+
+    def request_stop(self, reason: str) -> None:
+        """Called from the heartbeat thread and the SIGTERM handler: no lock, the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.wake.set()
+
+    # -- the agent row --------------------------------------------------------------
+
+    def signal(self, sig: str, run: str | None = None, detail: str = "", quick: bool = False) -> None:
+        """Write ``signal``; with it ``signal_run``/``runner_name``/``detail``, or remove them."""
+        now = time.time()
+        fields = {"signal": sig, "signal_at": now, "instance_id": self.instance_id,
+                  "expires_at": now + ROW_TTL_S, "signal_run": run, "runner_name": self.name if run else None,
+                  "detail": self.log.scrub(detail)[:1000]}
+        sets = {k: v for k, v in fields.items() if v}
+        self.log("signal", detail, signal=sig, signal_run=run, runner_name=sets.get("runner_name"))
+        self.pending = (sets, tuple(sorted(k for k in fields if k not in sets)))
+        self.flush(quick)
+
+    def flush(self, quick: bool = False) -> None:
+        """Write the pending signal; if that fails it stays pending and the loop tries again."""
+        if self.pending is not None:
+            try:
+                self.aws.update(self.pending[0], self.pending[1], quick)
+                self.pending = None
+            except AWS_ERRORS as exc:
+                self.log("signal_write_failed", exc)
+
+    def heartbeat(self) -> None:
+        """Every RP_HEARTBEAT_S from boot; asks for a shutdown after RP_LOST_CONTACT_S without DynamoDB."""
+        due = time.monotonic()
+        while True:
+            now = time.time()
+            try:
+                self.aws.update({"heartbeat_at": now, "instance_id": self.instance_id,
+                                 "expires_at": now + ROW_TTL_S})
+            except AWS_ERRORS as exc:
+                self.log("heartbeat_failed", exc)
+            silent = time.monotonic() - self.aws.last_ok
+            if silent > self.cfg.lost_contact_s:
+                self.request_stop(f"lost contact with DynamoDB for {silent:.0f} s")
+            due = max(due + (self.cfg.heartbeat_s or 1), time.monotonic())
+            time.sleep(max(0.0, due - time.monotonic()))
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def main(self) -> int:
+        threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+        self.signal("booting")
+        failed = self.prerunner()
+        if failed:
+            self.signal("prerunner_failed", detail=failed)
+            return self.shutdown("pre-runner script failed: " + failed, announce=False)
+        self.signal("waiting")
+        while True:
+            reason = self.step()
+            if reason:
+                return self.shutdown(*reason) if isinstance(reason, tuple) else self.shutdown(reason)
+            self.wake.wait(self.cfg.run_poll_s if self.run_id else self.cfg.idle_poll_s)
+
+    def prerunner(self) -> str:
+        """Run the pre-runner script; '' on success or when there is none, else why it failed."""
+        try:
+            with open(self.cfg.prerunner, "rb") as fh:
+                empty = not fh.read().strip()
+        except OSError:
+            empty = True
+        if empty:
+            return ""
+        started = time.monotonic()
+        try:
+            rc, out = run(self.cfg.shell + [self.cfg.prerunner], self.cfg.home,
+                          os.path.join(self.cfg.home, "prerunner.log"), self.cfg.prerunner_timeout_s,
+                          self.wake)
+        except OSError as exc:
+            return f"cannot start {self.cfg.shell[0]}: {exc}"
+        if rc is None:
+            return f"killed after {time.monotonic() - started:.0f} s"
+        self.log("prerunner_done", out, exit_code=rc)
+        return f"exit code {rc}" if rc else ""
+
+    def step(self) -> Any:
+        """One poll of the state row. Returns a shutdown reason (or ``(reason, announce)``) or None."""
+        if self.stop_reason:
+            return self.stop_reason
+        self.flush()
+        now = time.time()
+        age = time.monotonic() - self.booted
+        if age > self.cfg.max_lifetime_s:
+            return f"agent up {age:.0f} s, over RP_MAX_LIFETIME_S"
+        try:
+            row = self.aws.state()
+        except AWS_ERRORS as exc:
+            self.log("state_read_failed", exc)
+            return None
+        desired = None
+        if row is None:
+            missing = time.monotonic() - self.row_seen
+            if missing > self.cfg.no_row_timeout_s:
+                return f"no state row for {missing:.0f} s"
+        else:
+            self.row_seen = time.monotonic()
+            state, threshold = row.get("state"), row.get("threshold")
+            if state == "terminated":
+                return "state row is terminated"
+            if threshold is not None and now > threshold + self.cfg.threshold_grace_s:
+                return f"{state} threshold passed {now - threshold:.0f} s ago"
+            if state in RUN_STATES and row.get("run_id"):
+                desired = row["run_id"]
+            last = row.get("last_run_id")
+            if state == "draining" and not self.run_id and last and last != self.acked:
+                # The run was cleared before this agent registered for it (a rollback racing the claim,
+                # or an abandoned registration): nothing to remove, but release waits for this word.
+                self.acked = last
+                self.signal("deregistered", last, "never registered for this run")
+        if self.run_id and desired != self.run_id:
+            self.deregister()
+        elif self.run_id and self.proc is not None and self.proc.poll() is not None:
+            failed = self.runner_died(self.proc.returncode)
+            if failed:
+                return failed, False
+        if not self.run_id and desired:
+            self.count += 1
+            self.redos = 0
+            failed = self.register(desired)
+            if failed:
+                return failed, False
+        return None
+
+    # -- registration -----------------------------------------------------------------
+
+    def register(self, run_id: str) -> str:
+        """Register for ``run_id`` with bounded attempts; a shutdown reason when all failed."""
+        self.log.run_id = run_id
+        self.name = f"{self.instance_id}-{self.count}"
+        detail, pause = "", self.cfg.registration_backoff_s
+        for attempt in range(1, self.cfg.attempts + 1):
+            if attempt > 1:
+                if self.wake.wait(pause):
+                    return ""                           # stop requested: the loop shuts down
+                pause *= 2
+                try:
+                    row = self.aws.state() or {}
+                except AWS_ERRORS:
+                    row = {"state": "running", "run_id": run_id}
+                if row.get("state") not in RUN_STATES or row.get("run_id") != run_id:
+                    self.log("registration_abandoned", "the row no longer names this run")
+                    self.name = self.log.run_id = None
+                    return ""
+            started = time.monotonic()
+            ok, detail = self.register_once(run_id)
+            if ok:
+                self.run_id = run_id
+                self.signal("registered", run_id, f"{detail} after {time.monotonic() - started:.1f} s, "
+                                                  f"attempt {attempt}")
+                return ""
+            self.log("registration_attempt_failed", detail, attempt=attempt, runner_name=self.name)
+            if self.stop_reason:
+                return ""
+        self.signal("registration_failed", run_id, f"{self.cfg.attempts} attempts, last: {detail}")
+        return f"registration for run {run_id} failed {self.cfg.attempts} times"
+
+    def register_once(self, run_id: str) -> tuple[bool, str]:
+        """config.sh, then run.sh until it listens: (registered, what happened)."""
+        self.clean_local()
+        try:
+            token = self.aws.token("registration")
+        except AWS_ERRORS as exc:
+            return False, f"cannot read the registration token: {exc}"
+        self.log.secret(token)
+        argv = ["./config.sh", "--unattended", "--url", self.cfg.url, "--token", token,
+                "--name", str(self.name), "--labels", f"{run_id},{self.cfg.label}",
+                "--no-default-labels", "--replace", "--disableupdate"]
+        try:
+            rc, out = run(argv, self.cfg.runner_dir, self.config_log, self.cfg.registration_timeout_s)
+            if rc != 0:
+                return False, f"config.sh {'killed at its deadline' if rc is None else f'exited {rc}'}: {out}"
+            runner_log = os.path.join(self.cfg.home, "runner.log")
+            with open(runner_log, "ab") as fh:
+                start = fh.tell()
+                self.proc = subprocess.Popen(["./run.sh"], cwd=self.cfg.runner_dir, env=child_env(),
+                                             stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        except OSError as exc:
+            return False, f"cannot run the runner: {exc}"
+        deadline = time.monotonic() + self.cfg.listen_timeout_s
+        while True:
+            with open(runner_log, "rb") as fh:
+                fh.seek(start)
+                if LISTENING in fh.read():
+                    return True, "listening"
+            if self.proc.poll() is not None or self.stop_reason:
+                code = self.proc.poll()
+                why = "stop requested" if code is None else f"run.sh exited {code}"
+                self.stop_runner()
+                self.remove_remote()
+                return False, f"{why} before listening"
+            if time.monotonic() > deadline:
+                return True, f"run.sh up, no listening line after {self.cfg.listen_timeout_s:.0f} s"
+            self.wake.wait(0.1)
+
+    def runner_died(self, rc: int) -> str:
+        """run.sh exited while registered (2: deleted on GitHub): register again for the same run."""
+        run_id = str(self.run_id)
+        why = "runner deleted on GitHub" if rc == RUNNER_DELETED else f"run.sh exited {rc}"
+        self.log("runner_exited", why)
+        self.stop_runner()
+        if rc != RUNNER_DELETED:
+            self.remove_remote()
+        self.clean_local()
+        self.redos += 1
+        if self.redos > self.cfg.attempts:
+            self.signal("registration_failed", run_id, f"{why}; {self.cfg.attempts} re-registrations used up")
+            return f"the runner for run {run_id} kept dying ({why})"
+        self.run_id = None
+        self.count += 1
+        return self.register(run_id)
+
+    # -- deregistration ---------------------------------------------------------------
+
+    def stop_runner(self) -> None:
+        """SIGTERM run.sh's process group; SIGKILL it after RP_STOP_TIMEOUT_S."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            kill(proc.pid, signal.SIGTERM)
+            reap(proc, self.cfg.stop_timeout_s)
+            if proc.poll() is None:
+                self.log("runner_killed", f"run.sh ignored SIGTERM for {self.cfg.stop_timeout_s:.0f} s")
+        kill(proc.pid, signal.SIGKILL)                  # whatever is left of the group (job processes)
+        reap(proc, 5)
+
+    def remove_remote(self) -> str:
+        """``config.sh remove --token``; when that fails, wipe the local config and say why."""
+        try:
+            token = self.log.secret(self.aws.token("removal"))
+            rc, out = run(["./config.sh", "remove", "--token", token], self.cfg.runner_dir, self.config_log,
+                          self.cfg.registration_timeout_s)
+            why = "" if rc == 0 else f"config.sh remove {'killed' if rc is None else f'exited {rc}'}: {out}"
+        except AWS_ERRORS + (OSError,) as exc:
+            why = f"no removal: {exc}"
+        if why:
+            self.clean_local()
+            self.log("remote_removal_failed", why)
+            return f"remote removal failed ({why}); local runner config removed"
+        return ""
+
+    def clean_local(self) -> None:
+        for name in LOCAL_FILES:
+            try:
+                os.remove(os.path.join(self.cfg.runner_dir, name))
+            except OSError:
+                pass
+
+    def deregister(self, announce: bool = True) -> None:
+        """Stop run.sh and remove the runner, then (only then) signal ``deregistered``."""
+        started = time.monotonic()
+        self.stop_runner()
+        note = self.remove_remote() or f"removed in {time.monotonic() - started:.1f} s"
+        self.acked = self.run_id
+        if announce:
+            self.signal("deregistered", self.run_id, note)
+        else:
+            self.log("deregistered", note)
+        self.run_id = self.name = self.log.run_id = None
+
+    def shutdown(self, reason: str, announce: bool = True) -> int:
+        """Signal ``shutdown`` (best effort), deregister (bounded), power off.
+
+        ``shutdown`` stays the row's last word: a ``deregistered`` written after
+        it would read as "clean, back to the pool" for a dying instance; and
+        ``announce=False`` keeps the failure signal written just before.
+        """
+        self.log("shutdown", reason)
+        if announce:
+            self.signal("shutdown", self.run_id, reason, quick=True)
+        if self.run_id:
+            try:
+                self.deregister(announce=False)
+            except Exception as exc:                    # best effort: cleanup must not keep the instance up
+                self.log("deregister_failed", exc)
+        self.stop_runner()
+        return power_off(self.log, self.cfg.home)
+
+
+def power_off(log: Log, home: str) -> int:
+    """Run RUNNER_POOL_SHUTDOWN_CMD (3 tries); the exit code the agent ends with."""
+    cmd = shutdown_cmd()
+    for attempt in (1, 2, 3):
+        try:
+            out_path = os.path.join(home, "shutdown.log") if os.path.isdir(home) else os.devnull
+            rc, out = run(cmd, "/", out_path, 60)
+        except OSError as exc:
+            rc, out = -1, str(exc)
+        log("power_off", out, command=" ".join(cmd), exit_code=rc, attempt=attempt)
+        if rc == 0:
+            return 0
+        time.sleep(5)
+    return 1
+
+
+def main() -> int:
+    log = Log()
+    home = os.environ.get("RUNNER_POOL_HOME") or "/opt/runner-pool"
+    try:
+        cfg = Cfg(dict(os.environ))
+        doc, partition = identity(cfg.imds, cfg.imds_timeout_s, log)
+    except AgentError as exc:
+        log("fatal", exc)
+        return power_off(log, home)
+    log.instance_id = instance_id = str(doc["instanceId"])
+    arn = f"arn:{partition}:ec2:{doc['region']}:{doc['accountId']}:instance/{instance_id}"
+    log("start", arn, pool=cfg.pool, instance_type=doc.get("instanceType"), python=sys.version.split()[0])
+    agent = Agent(cfg, log, Aws(cfg, cfg.region or str(doc["region"]), arn), instance_id)
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop("received SIGTERM"))
+    try:
+        return agent.main()
+    except Exception as exc:                            # a bug must not leave an instance without an agent
+        log("crash", f"{type(exc).__name__}: {exc}")
+        return agent.shutdown(f"agent crashed: {type(exc).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
