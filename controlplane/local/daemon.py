@@ -82,7 +82,10 @@ def _sim_hooks(sim: Any) -> dict[tuple[str, str], Any]:
         return 200, {"instances": sim.status()}
 
     def kill(data: dict[str, Any]) -> tuple[int, Any]:
-        sim.kill_agent(data["instance_id"], int(data.get("signal", signal.SIGKILL)))
+        try:
+            sim.kill_agent(data["instance_id"], int(data.get("signal", signal.SIGKILL)))
+        except KeyError:
+            return 404, {"error": f"no live agent for {data.get('instance_id')}"}
         return 200, {"ok": True}
 
     return {("POST", "/_emulator/sim/behaviour"): behaviour, ("DELETE", "/_emulator/sim/behaviour"): clear,
