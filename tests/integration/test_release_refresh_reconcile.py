@@ -10,14 +10,13 @@ import urllib.request
 
 from controlplane import launch_template, pool as pool_q, store, token
 from controlplane.github import github_client_from_env
-from controlplane.apply import pool_instance_ids
 from controlplane.provision import ProvisionRequest, provision
 from controlplane.reconcile import reconcile
 from controlplane.records import InstanceRecord, State
 from controlplane.refresh import refresh
 from controlplane.release import release
 from tests.conftest import Emu
-from tests.integration.test_provision import assert_invariants, ec2_states, online_runners, states
+from tests.integration.test_provision import ec2_states, online_runners, states
 
 
 def rid() -> str:
