@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError
+
+from controlplane.config import RUN_ID_RE
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None]) -> None:
@@ -288,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BotoCoreError as exc:
+        if os.environ.get("RUNNER_POOL_DEBUG"):
+            traceback.print_exc()
+        print(f"error: cannot reach AWS: {exc} (check AWS_ENDPOINT_URL, the network and credentials; "
+              "for the embedded default run `runner-pool local start` and `eval \"$(runner-pool local env)\"`)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted (run `runner-pool reconcile` to clean up anything left)", file=sys.stderr)
         return 130

@@ -34,6 +34,8 @@ NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
 CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
+# A run id is also the runner label jobs target with `runs-on:`.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class _Model(BaseModel):

@@ -154,6 +154,8 @@ def current(cfg: PoolConfig) -> TemplateState | None:
 
 
 def delete(cfg: PoolConfig) -> bool:
+    if _describe(cfg) is None:              # moto answers a missing name with MissingParameter, not NotFound
+        return False
     ec2 = aws.client("ec2", cfg.region)
     try:
         ec2.delete_launch_template(LaunchTemplateName=cfg.launch_template_name)
