@@ -142,7 +142,9 @@ def test_reconcile_finds_and_fixes_each_kind_of_drift(make_pool: Any, emu: Emu, 
     a = provision(pool, ProvisionRequest(rid(), "small", 2))
     assert a.ok
     keep, lose_row = a.instance_ids
-    # 1. an instance with no row (and old enough): delete its row by hand, and backdate the grace period
+    # 1. an instance with no row (and old enough): a wedged instance (its agent killed, its runner still
+    #    up) whose row is deleted by hand; the clock below is ahead of reconcile's grace period
+    emu.kill_agent(lose_row)
     store.delete_rows(pool, [pool.arn(lose_row)])
     # 2. a row with no instance: write a row for an instance that does not exist
     ghost = "i-0123456789abcdef0"
