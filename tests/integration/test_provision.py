@@ -123,7 +123,7 @@ def test_one_instance_never_registers_rolls_back_the_whole_set(make_pool: Any, e
 
 def test_heartbeat_stopping_during_validation_fails_fast(make_pool: Any, emu: Emu) -> None:
     pool = make_pool(validation_timeout_s=60)
-    emu.behaviour(match={"pool": pool.name}, count=1, registration="hang", freeze_after_s=2)
+    emu.behaviour(match={"pool": pool.name}, count=1, registration="hang", freeze_after_s=6)
     t = time.monotonic()
     res = prov(pool, 2)
     assert not res.ok and "heartbeat stopped" in res.reason
