@@ -52,6 +52,16 @@ def online_runners(emu: Emu, label: str) -> list[dict[str, Any]]:
     return [r for r in emu.runners() if label in [lb["name"] for lb in r["labels"]] and r["status"] == "online"]
 
 
+def no_runner_left(emu: Emu, label: str, timeout_s: float = 20) -> bool:
+    """True once no runner with ``label`` is online (terminated instances' agents deregister as they stop)."""
+    deadline = time.monotonic() + timeout_s
+    while online_runners(emu, label):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def assert_invariants(pool: Any) -> None:
     """Every instance in EC2 has a live row and every live row has a running instance."""
     rows = {r.instance_id: r for r in store.all_records(pool)}
@@ -117,7 +127,7 @@ def test_one_instance_never_registers_rolls_back_the_whole_set(make_pool: Any, e
     assert states(pool, warm.instance_ids) == {warm.instance_ids[0]: "idle"}
     assert set(states(pool, created).values()) == {"terminated"}
     assert set(ec2_states(pool, created).values()) <= {"terminated", "shutting-down"}
-    assert online_runners(emu, res.label) == []
+    assert no_runner_left(emu, res.label)
     assert_invariants(pool)
 
 
