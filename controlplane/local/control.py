@@ -88,18 +88,10 @@ def start(state_dir: Path | None = None) -> tuple[dict[str, Any], bool]:
 
 
 def _stray_agents(state_dir: Path) -> list[int]:
-    """Processes whose environment points into this state dir (agents, runners)."""
-    marker = f"RUNNER_POOL_HOME={state_dir}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    """Processes of simulated instances under this state dir (agents, runners)."""
+    from controlplane.local.simulator import processes_of
+
+    return [p for p in processes_of(state_dir, below=True) if p != os.getpid()]
 
 
 def stop(state_dir: Path | None = None) -> dict[str, Any]:

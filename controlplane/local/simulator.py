@@ -106,8 +106,8 @@ class _Machine:
                 "behaviour": copy.deepcopy(self.rule)}
 
 
-def processes_of(home: Path) -> list[int]:
-    """Pids of every live process started for the instance whose ``RUNNER_POOL_HOME`` is ``home``."""
+def processes_of(home: Path, *, below: bool = False) -> list[int]:
+    """Pids of every live process whose ``RUNNER_POOL_HOME`` is ``home`` (or, with ``below``, inside it)."""
     marker = b"RUNNER_POOL_HOME=" + str(home).encode()
     pids = []
     for name in os.listdir("/proc"):
@@ -118,7 +118,7 @@ def processes_of(home: Path) -> list[int]:
                 entries = fh.read().split(b"\0")
         except OSError:
             continue
-        if marker in entries:
+        if marker in entries or (below and any(e.startswith(marker + b"/") for e in entries)):
             pids.append(int(name))
     return pids
 

@@ -22,7 +22,7 @@ from controlplane import aws, pool as pool_q, store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.logs import event
 from controlplane.pool import PoolMessage
-from controlplane.records import Member, State
+from controlplane.records import Member, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
 
@@ -111,7 +111,7 @@ def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list
     for m in members:
         _, agent = rows.get(m.instance_id, (None, None))
         ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (
-            "shutdown", "prerunner_failed")
+            Signal.SHUTDOWN, Signal.PRERUNNER_FAILED)
         (healthy if ok else unhealthy).append(m)
         if not ok:
             age = agent.heartbeat_age(now) if agent else None
