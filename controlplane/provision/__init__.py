@@ -50,7 +50,9 @@ class ProvisionResult:
     instances: list[Member] = field(default_factory=list)
     reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
-    api_calls: dict[str, int] = field(default_factory=dict)
+    api_calls: dict[str, int] = field(default_factory=dict)              # by service
+    api_calls_by_op: dict[str, int] = field(default_factory=dict)        # by service.Operation
+    validated_at: float | None = None     # epoch: when validation saw the whole set ready (or one fail)
     fleet_calls: int = 0
     capacity_errors: dict[str, int] = field(default_factory=dict)
     cleanup: finalize.Cleanup = field(default_factory=finalize.Cleanup)
@@ -77,7 +79,8 @@ class ProvisionResult:
             "cleanup": {"terminated": self.cleanup.terminated, "returned_to_pool": self.cleanup.returned_to_pool,
                         "failed": self.cleanup.failed},
             "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "created": self.created,
-            "api_calls": self.api_calls, "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
+            "api_calls": self.api_calls, "api_calls_by_op": self.api_calls_by_op,
+            "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
             "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
         }
 
@@ -156,6 +159,7 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
         progress.phase(f"[3/4] validation: {len(members)} runner(s) must register for {req.run_id} "
                        f"within {timeout:.0f} s")
         val = validation.validate(pool, req.run_id, members, timeout, progress, clock)
+        res.validated_at = val.decided_at
         t = lap("validation", t)
         if not val.ok:
             res.reason = _validation_reason(val, len(members), timeout)
@@ -212,6 +216,7 @@ def _finish(res: ProvisionResult, counter: aws.CallCounter, token: Any, started:
             cfg: Any = None) -> ProvisionResult:
     res.timings["total"] = round(time.monotonic() - started, 3)
     res.api_calls = counter.by_service()
+    res.api_calls_by_op = counter.snapshot()
     aws.stop_counting(token)
     event("provision.done", run_id=res.run_id, ok=res.ok, instance_ids=res.instance_ids, reason=res.reason,
           duration_s=res.timings["total"], pool_hit_rate=res.pool_hit_rate, api_calls=res.api_calls,

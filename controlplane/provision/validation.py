@@ -28,6 +28,7 @@ class ValidationResult:
     timed_out: bool = False
     polls: int = 0
     healthy: set[str] = field(default_factory=set)            # fresh heartbeat at the last poll
+    decided_at: float | None = None                           # wall clock of the poll that decided (epoch)
 
     @property
     def ok(self) -> bool:
@@ -79,6 +80,7 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
 
     done = wait_until(poll, deadline, POLL_INTERVAL_S)
     res.timed_out = not done
+    res.decided_at = clock.now()
     event("validation.done", run_id=run_id, ready=res.ready, failed=res.failed, timed_out=res.timed_out,
           polls=res.polls, elapsed_s=round(deadline.elapsed_s, 3))
     return res
