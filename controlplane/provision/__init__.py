@@ -118,9 +118,13 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
 
 def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
               clock: Clock = SYSTEM_CLOCK) -> ProvisionResult:
-    usage = check_request(pool, req)
     counter = aws.CallCounter()
     token = aws.counting(counter)
+    try:
+        usage = check_request(pool, req)             # its Query is part of what a provision costs
+    except BaseException:
+        aws.stop_counting(token)
+        raise
     started = time.monotonic()
     res = ProvisionResult(False, req.run_id, req.run_id, req.resource_class, usage)
     touched: list[str] = []
