@@ -18,6 +18,7 @@ from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
 from tests.conftest import Emu
+from tests.reliability.invariants import check
 
 
 def soak(pool: Any, emu: Emu, cycles: int, per_run: int = 3) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def soak(pool: Any, emu: Emu, cycles: int, per_run: int = 3) -> dict[str, Any]:
     assert not [lb for lb in labels if lb.startswith("soak-")], "a runner is still registered for a released run"
     drift = reconcile(pool)
     assert drift.actions == [], drift.summary()
+    check(pool, emu)
     rate = hits / total
     print(f"\nsoak: {cycles} cycles x {per_run} runners, {len(seen)} distinct instances, pool hit rate {rate:.0%}")
     return {"hit_rate": rate, "instances": len(seen)}
