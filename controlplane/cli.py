@@ -16,13 +16,47 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from botocore.exceptions import BotoCoreError
 
 from controlplane.config import RUN_ID_RE
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error:`` line naming it (no usage block), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {_argument_problem(message, self.prog)}\n")
+
+
+def _argument_problem(message: str, prog: str) -> str:
+    """argparse's message as ``<argument>: <what is wrong> (<the fix>)``."""
+    fix = f"see `{prog} --help`"
+    required = re.match(r"the following arguments are required: (.+)$", message)
+    if required:
+        return f"{required.group(1)}: required ({fix})"
+    arg = re.match(r"argument (\S+?): (.+)$", message)
+    if not arg:
+        return f"{message} ({fix})"
+    name, problem = arg.groups()
+    choice = re.match(r"invalid choice: (.+?) \(choose from (.+)\)$", problem)
+    if choice:
+        value, choices = choice.group(1), choice.group(2).replace("'", "")
+        return f"{name}: {value} is not a choice (use one of: {choices})"
+    problem = problem.replace("not allowed with argument ", "not allowed with ")
+    if not problem.endswith(")"):                # a type function's message may carry its own fix
+        problem += f" ({fix})"
+    return f"{name}: {problem}"
+
+
+def _whole_number(text: str) -> int:
+    """``--count``: a whole number (its range is checked with the request)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (pass e.g. --count 3)") from None
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None]) -> None:
@@ -213,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="runner-pool", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="runner-pool", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, parent: Any = sub) -> argparse.ArgumentParser:
@@ -228,18 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--config", help="pool config file (pool.yaml)")
         p.add_argument("--region", help="AWS region of --pool (default: $AWS_REGION or us-east-1)")
 
-    cfg = sub.add_parser("config", help="check a pool configuration").add_subparsers(dest="sub", required=True)
+    cfg = sub.add_parser("config", help="check a pool configuration").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
     p = add("check", cmd_config_check, "validate a pool.yaml; print every problem, exit 2 if any", cfg)
     p.add_argument("file")
 
-    pool = sub.add_parser("pool", help="apply or destroy a pool without Pulumi").add_subparsers(dest="sub", required=True)
+    pool = sub.add_parser("pool", help="apply or destroy a pool without Pulumi").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
     p = add("apply", cmd_pool_apply, "create or update the pool's table, queues, launch template and tokens", pool)
     p.add_argument("--config", required=True)
     p = add("destroy", cmd_pool_destroy, "terminate the pool's instances and remove all its resources", pool)
     pool_args(p)
 
     local = sub.add_parser("local", help="the embedded default: local AWS, GitHub stand-in, simulated instances"
-                           ).add_subparsers(dest="sub", required=True)
+                           ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     for name, fn, h in (("start", cmd_local_start, "start the local emulator in the background"),
                         ("stop", cmd_local_stop, "stop it and every simulated instance"),
                         ("env", cmd_local_env, "print the export lines that point a shell at it"),
@@ -251,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool_args(p)
     p.add_argument("--run-id", required=True)
     p.add_argument("--resource-class", required=True)
-    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--count", type=_whole_number, default=1)
     p.add_argument("--usage-class", choices=["spot", "on-demand"], default=None)
 
     p = add("release", cmd_release, "give a run's runners back to the pool")
