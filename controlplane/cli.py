@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from botocore.exceptions import BotoCoreError
 
-from controlplane.config import RUN_ID_RE
+from controlplane.config import REGION_RE, RUN_ID_RE
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
 
 
@@ -67,7 +67,14 @@ def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None]) -> 
 
 
 def _region(args: argparse.Namespace) -> str:
-    return str(args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    """--region, else $AWS_REGION, else $AWS_DEFAULT_REGION, else us-east-1; checked before any AWS call."""
+    for source, value in (("--region", args.region), ("AWS_REGION", os.environ.get("AWS_REGION")),
+                          ("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION"))):
+        if value:
+            if not re.match(REGION_RE, value):
+                raise ConfigError(f"{source} {value!r} is not an AWS region", hint="use a region name such as us-east-1")
+            return str(value)
+    return "us-east-1"
 
 
 def _load_cfg(path: str) -> Any:

@@ -32,6 +32,7 @@ USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
 
 NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
 CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
+REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
 # A run id is also the runner label jobs target with `runs-on:`.
@@ -136,8 +137,7 @@ class PoolConfig(_Model):
     """A pool: its table, one queue per resource class, a launch template, a token."""
 
     name: str = Field(pattern=NAME_RE, description="pool name: lowercase letters, digits, '-' (max 30)")
-    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$",
-                        description="AWS region, e.g. us-east-1")
+    region: str = Field(default="us-east-1", pattern=REGION_RE, description="AWS region, e.g. us-east-1")
     github: GitHubConfig = Field(description="GitHub repository or organization")
     resource_classes: dict[str, ResourceClass] = Field(description="resource classes by name (one queue each)")
     subnets: list[str] = Field(description="subnet ids; CreateFleet gets one override per subnet")
