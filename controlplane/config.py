@@ -303,10 +303,20 @@ def parse_config(data: Any, source: str = "config") -> PoolConfig:
 
 def load_config(path: str | Path) -> PoolConfig:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory", hint="name the pool.yaml inside it")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found", hint="pass --config with a pool.yaml (see examples/pool.yaml)")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
+                          hint="save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}",
+                          hint="check that it is readable by this user") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
