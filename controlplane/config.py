@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from controlplane.errors import ConfigError, ConfigErrors
@@ -43,6 +51,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1 for an int: `max_reuse: true` would quietly mean one reuse.
+        ann = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(v, bool) and (ann is int or ann == (int | None)):
+            raise ValueError("expected a whole number, not true or false")
+        return v
 
 
 class Range(_Model):
