@@ -16,10 +16,11 @@ of them so ``runner-pool config check`` can print every problem at once.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -275,17 +276,52 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             lines.append(f"{loc}: required field is missing")
             continue
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown field (check the spelling; see the configuration reference)")
+            lines.append(f"{loc}: {_unknown_field(err['loc'])}")
             continue
         if err["type"] == "string_pattern_mismatch":
             allowed = _field_description(err["loc"])
             msg = f"not allowed; expected {allowed}" if allowed else msg
         value = err.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) or not value else "{...}"
         if len(shown) > 60:
             shown = shown[:57] + "..."
         lines.append(f"{loc}: got {shown}: {msg}")
     return lines
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """Why the key at ``loc`` is not a field: the other spelling of one given too, a near miss, or neither."""
+    key, model = str(loc[-1]), _model_at(loc[:-1])
+    fields = model.model_fields if model is not None else {}
+    for name, f in fields.items():
+        if key in (name, f.alias):          # pydantic took the other spelling and left this one over
+            other = f.alias if key == name else name
+            return f"given twice, also as {other} (keep one spelling)"
+    spellings = [f.alias or name for name, f in fields.items()] if key != key.lower() else list(fields)
+    near = difflib.get_close_matches(key, spellings, n=1, cutoff=0.6)
+    if near:
+        return f"unknown field (did you mean {near[0]}? see the configuration reference)"
+    return "unknown field (check the spelling; see the configuration reference)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose fields are the keys at ``loc``; dict keys and list indexes on the way are skipped."""
+    model: type[BaseModel] | None = PoolConfig
+    skip = False
+    for part in loc:
+        if skip:
+            skip = False
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None and model is not None:
+            field = next((f for f in model.model_fields.values() if f.alias == str(part)), None)
+        if field is None:
+            return None
+        ann = field.annotation
+        skip = get_origin(ann) in (dict, list)
+        inner = get_args(ann)[-1:] if skip else (ann, *get_args(ann))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return None if skip else model
 
 
 def _field_description(loc: tuple[Any, ...]) -> str:
