@@ -47,14 +47,17 @@ def instance_tags(cfg: PoolConfig) -> dict[str, str]:
 
 def render(cfg: PoolConfig) -> dict[str, Any]:
     """LaunchTemplateData for the pool (ConfigError if the user data is over 16 KB)."""
-    from controlplane.userdata import render_user_data
+    from controlplane.userdata import pre_runner_room, render_user_data
 
     user_data = render_user_data(cfg)
     size = len(user_data.encode())
     if size > USER_DATA_LIMIT_BYTES:
+        room = pre_runner_room(cfg, USER_DATA_LIMIT_BYTES)
         raise ConfigError(
-            f"pre_runner_script makes the user data {size} bytes, over EC2's {USER_DATA_LIMIT_BYTES} byte limit",
-            hint=f"shorten pre_runner_script by {size - USER_DATA_LIMIT_BYTES} bytes or move it into the AMI")
+            f"pre_runner_script: {len(cfg.pre_runner_script.encode())} bytes make the user data {size} bytes, "
+            f"over EC2's {USER_DATA_LIMIT_BYTES} byte limit",
+            hint=(f"shorten it to at most {room} bytes" if room >= 0 else "shorten the pool's settings")
+            + " or move it into the AMI")
     tags = [{"Key": k, "Value": v} for k, v in sorted(instance_tags(cfg).items())]
     data: dict[str, Any] = {
         "ImageId": cfg.ami,

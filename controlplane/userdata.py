@@ -140,3 +140,24 @@ def render_user_data(cfg: PoolConfig) -> str:
 def user_data_size(cfg: PoolConfig) -> int:
     """Bytes of the rendered script (EC2's 16 KB limit applies to this, before base64)."""
     return len(render_user_data(cfg).encode())
+
+
+def pre_runner_room(cfg: PoolConfig, limit: int) -> int:
+    """The longest pre-runner script (bytes) that keeps ``cfg``'s user data within ``limit``; -1 if none does.
+
+    The script is embedded as base64 in lines, so its share of the user data is
+    not its own length: this searches, rendering with scripts of trial lengths.
+    """
+    def fits(n: int) -> bool:
+        trial = cfg.model_copy(update={"pre_runner_script": "x" * n})
+        return user_data_size(trial) <= limit
+
+    if not fits(0):
+        return -1
+    lo, hi = 0, max(1, len(cfg.pre_runner_script.encode()))
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:                      # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
