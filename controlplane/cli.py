@@ -98,6 +98,24 @@ def _pool(args: argparse.Namespace) -> Any:
     raise ConfigError("no pool given", hint="pass --pool NAME or --config FILE")
 
 
+def _github(cfg: Any, required: bool = True) -> Any:
+    """The GitHub client from the environment, its token proven with one read before any AWS change.
+
+    ``required=False``: no token means None (the command works without GitHub);
+    a token that is set but rejected is still bad input.
+    """
+    from controlplane.github import github_client_from_env
+
+    try:
+        gh = github_client_from_env(cfg.github.api_url, cfg.github.scope)
+    except ConfigError:
+        if required:
+            raise
+        return None
+    gh.check_access()
+    return gh
+
+
 def _check_run_id(run_id: str) -> str:
     if not RUN_ID_RE.match(run_id):
         raise ConfigError(f"--run-id {run_id!r} is not valid",
@@ -119,11 +137,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_apply(args: argparse.Namespace) -> int:
+    from controlplane import launch_template
     from controlplane.apply import apply_pool
     from controlplane.logs import Progress
 
     cfg = _load_cfg(args.config)
-    res = apply_pool(cfg, progress=Progress(not args.json))
+    launch_template.render(cfg)                 # the user data size: a config problem, found before GitHub
+    res = apply_pool(cfg, _github(cfg), progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(
         f"applied pool {res.pool}: table {res.table}{' (created)' if res.table_created else ''}, "
         f"queues {', '.join(sorted(res.queues))}, launch template {res.launch_template_id} "
@@ -134,15 +154,10 @@ def cmd_pool_apply(args: argparse.Namespace) -> int:
 
 def cmd_pool_destroy(args: argparse.Namespace) -> int:
     from controlplane.apply import destroy_pool
-    from controlplane.github import github_client_from_env
     from controlplane.logs import Progress
 
     cfg = _load_cfg(args.config) if args.config else _pool(args).config
-    try:
-        gh = github_client_from_env(cfg.github.api_url, cfg.github.scope)
-    except ConfigError:
-        gh = None
-    res = destroy_pool(cfg, gh, progress=Progress(not args.json))
+    res = destroy_pool(cfg, _github(cfg, required=False), progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(
         f"destroyed pool {res.pool}: {len(res.terminated)} instance(s) terminated, queues "
         f"{', '.join(res.queues_deleted) or 'none'} deleted, {res.runners_deleted} runner(s) removed, "
@@ -223,7 +238,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     # --config refreshes towards the file (a changed AMI, a removed class); --pool keeps the stored config.
     cfg = _load_cfg(args.config) if args.config else _pool(args).config
-    res = refresh(cfg, progress=Progress(not args.json))
+    res = refresh(cfg, _github(cfg), progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0 if res.ok else 1
 
@@ -232,7 +247,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
     from controlplane.reconcile import reconcile
 
-    res = reconcile(_pool(args), dry_run=args.dry_run, progress=Progress(not args.json))
+    p = _pool(args)
+    res = reconcile(p, dry_run=args.dry_run, github=_github(p.config, required=False),
+                    progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0
 

@@ -131,6 +131,7 @@ class GitHubClient:
     scope: str
     retry: RetryPolicy = DEFAULT_RETRY
     timeout_s: float = REQUEST_TIMEOUT_S
+    token_source: str = TOKEN_ENV_VARS[0]      # the variable the token came from, for error messages
 
     def __post_init__(self) -> None:
         parts = self.scope.split("/")
@@ -165,6 +166,31 @@ class GitHubClient:
                 owner, repo = self.scope.split("/")
                 token = gh.rest.actions.create_remove_token_for_repo(owner, repo).parsed_data
         return RunnerToken(token=token.token, expires_at=token.expires_at.timestamp())
+
+    def check_access(self) -> None:
+        """One cheap read (a page of one runner) that proves the token works for the scope.
+
+        Run it before anything changes: a token GitHub rejects (401) or that lacks
+        the permission (403) is then bad input, a :class:`ConfigError` naming the
+        variable the token came from, like an unknown scope (404) already is.
+        """
+        try:
+            with self._mapped_errors("list runners"), self._github() as gh:
+                if self.is_org:
+                    gh.rest.actions.list_self_hosted_runners_for_org(self.scope, per_page=1)
+                else:
+                    owner, repo = self.scope.split("/")
+                    gh.rest.actions.list_self_hosted_runners_for_repo(owner, repo, per_page=1)
+        except ConfigError:
+            raise
+        except RunnerPoolError as exc:
+            status = getattr(getattr(exc.__cause__, "response", None), "status_code", None)
+            if status == 401:
+                raise ConfigError(f"{self.token_source}: GitHub rejected the token",
+                                  hint="it is invalid, expired or revoked; export a valid PAT") from exc
+            if status == 403:
+                raise ConfigError(f"{self.token_source}: {exc.message}", hint=exc.hint) from exc
+            raise
 
     def list_runners(self) -> list[GitHubRunner]:
         """Every runner of the scope, following pagination (ordered as GitHub returns them).
@@ -263,6 +289,6 @@ def github_client_from_env(api_url: str, scope: str) -> GitHubClient:
     for name in TOKEN_ENV_VARS:
         token = os.environ.get(name, "").strip()
         if token:
-            return GitHubClient(api_url, token, scope)
+            return GitHubClient(api_url, token, scope, token_source=name)
     raise ConfigError("GitHub token not set",
                       hint="export RUNNER_POOL_GITHUB_TOKEN=<a PAT with repo or admin:org scope>")
