@@ -233,11 +233,15 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from controlplane import store
     from controlplane.logs import Progress
     from controlplane.refresh import refresh
 
     # --config refreshes towards the file (a changed AMI, a removed class); --pool keeps the stored config.
+    # Either way the pool must exist: creating one is `pool apply`'s job.
     cfg = _load_cfg(args.config) if args.config else _pool(args).config
+    if args.config:
+        store.load_pool(cfg.name, cfg.region)
     res = refresh(cfg, _github(cfg), progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0 if res.ok else 1
