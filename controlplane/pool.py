@@ -28,6 +28,7 @@ from controlplane.errors import ConfigError
 VISIBILITY_TIMEOUT_S = 60          # a crashed provisioner's messages reappear after this
 RETENTION_S = 14 * 86400           # SQS maximum; idle rows expire long before
 MAX_RECEIVES = 10
+BATCH_MAX = 10                     # messages per ReceiveMessage or *Batch call: SQS's limit
 LONG_POLL_S = 1                    # first receive of a provision waits this long on an empty queue
 
 
@@ -170,12 +171,14 @@ def delete(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
 
 
 def _delete_handles(sqs: Any, url: str, handles: list[str]) -> None:
-    for chunk in aws.chunks(handles, 10):
+    def one(chunk: list[str]) -> None:
         try:
             sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": h}
                                                             for i, h in enumerate(chunk)])
         except ClientError as exc:
             raise aws.wrap(exc, "sqs:DeleteMessageBatch") from exc
+
+    aws.parallel(one, list(aws.chunks(handles, BATCH_MAX)))       # the batches at once
 
 
 def give_back(region: str, url: str, messages: Iterable[PoolMessage]) -> None:

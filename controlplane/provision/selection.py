@@ -4,8 +4,10 @@ Input: the pool, the run, how many runners are wanted. Output: the instances
 this run now holds in ``claimed`` (healthy at claim time), the unhealthy ones
 it claimed and must terminate, and counts of what it saw.
 
-How: receive up to 10 messages at a time (the first receive long-polls
-briefly, later ones don't wait); claim every candidate in parallel with the
+How: receive as many messages as runners are still wanted, in parallel
+calls of up to 10 each (SQS's maximum per call; the first round long-polls
+briefly, later ones don't wait), so a run of 50 costs one round trip, not
+five; claim every candidate in parallel with the
 conditional idle->claimed write; delete each message once its claim is
 decided (won, or lost because the row moved on: a stale message); give back
 at once the valid messages this run did not need. Claimed instances are
@@ -50,7 +52,10 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     first = True
     while len(res.claimed) < count and not deadline.expired:
         want = count - len(res.claimed)
-        msgs = pool_q.receive(cfg.region, url, min(10, want), pool_q.LONG_POLL_S if first else 0)
+        wait_s = pool_q.LONG_POLL_S if first else 0
+        sizes = [min(pool_q.BATCH_MAX, want - i) for i in range(0, want, pool_q.BATCH_MAX)]
+        msgs = [m for batch in aws.parallel(lambda k, w=wait_s: pool_q.receive(cfg.region, url, k, w), sizes)
+                for m in batch]
         first = False
         if not msgs:
             break
