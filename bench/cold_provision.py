@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         result["overhead_after_last_registration_s"]["median"] / heartbeat_s, 2)
     path = h.write_result("cold_provision", {"count": args.count, "repeats": args.repeats, "result": result})
     rows = [[k, f"{v['median']:.3f}", f"{v['p95']:.3f}"] for k, v in result.items() if isinstance(v, dict)]
-    print(h.table(["cold provision of %d (s)" % args.count, "median", "p95"], rows))
+    print(h.table([f"cold provision of {args.count} (s)", "median", "p95"], rows))
     print(f"\noverhead after the last registration: {result['overhead_over_heartbeat_interval']} "
           f"heartbeat intervals ({heartbeat_s} s)")
     print(f"results: {path.relative_to(h.ROOT)}")
