@@ -23,6 +23,36 @@ probes behind each fix):
 It also counts requests per ``service.Operation`` (``GET
 /_emulator/requests``), which tests use to prove that bad input changed
 nothing in AWS.
+
+Control endpoints (JSON bodies):
+
+* ``POST /_emulator/faults`` ``{"op", "service"?, "contains"?, "code", "status"?,
+  "message"?, "count"? | "prob"?}``: answer matching requests with an
+  AWS-shaped error. ``op`` is the operation name or ``"*"``; ``service`` is
+  the signing name from the SigV4 credential scope (``dynamodb``, ``sqs``,
+  ``ec2``, ``ssm``, ``sts``...), so ``{"op": "*", "service": "sqs"}`` hits
+  every SQS call; ``contains`` only requests whose body holds that text.
+  ``GET`` lists the rules with the ``hits`` each served; ``DELETE`` clears
+  faults, latency and capacity rules.
+* ``POST /_emulator/latency`` ``{"op", "seconds", "service"?, "contains"?}``:
+  sleep before serving matching requests (outside the backend lock, so other
+  requests go on; the newest matching rule wins).
+* ``POST /_emulator/capacity`` ``{"instance_types"?, "subnets"?, "lifecycle"?,
+  "available", "count"?}``: what CreateFleet can launch per type/subnet/lifecycle.
+* ``POST /_emulator/restart`` ``{"down_s": 3}``: answer 202, then restart the
+  HTTP server in the background **keeping every backend's state** (moto's
+  models live in this process): stop accepting, drop open connections (in-
+  flight requests may or may not have been applied, as with a real endpoint
+  blip), refuse connections for ``down_s`` seconds, serve again on the same
+  port. A restart while one is under way answers 409. ``GET /_emulator/health``
+  reports ``restarts`` (completed so far). Moto losing its state is not an AWS
+  failure mode, so there is no restart that forgets.
+* ``GET``/``DELETE /_emulator/requests``: request counts by ``service.Operation``.
+
+CreateFleet honours ``ClientToken`` as EC2 does: a second call with a token
+already used returns the first call's fleet and instances instead of launching
+again, so a client retrying a request whose answer was lost (a dropped
+connection) cannot leak a second fleet.
 """
 from __future__ import annotations
 
@@ -34,6 +64,7 @@ import logging
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,15 +77,24 @@ MUTATING_PREFIXES = (
     "Change", "Purge", "Set", "Tag", "Untag", "Attach", "Add", "Remove", "Associate", "Request", "Stop", "Start",
 )
 _CRED_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+MAX_DOWN_S = 60.0                 # a restart refuses connections at most this long
+REBIND_TIMEOUT_S = 10.0           # the port may linger a moment after close
 
 
 class Faults:
-    """Error rules: ``{"op", "service"?, "status", "code", "message"?, "count"? | "prob"?}``."""
+    """Error rules ``{"op", "service"?, "contains"?, "status", "code", "message"?, "count"? | "prob"?}``,
+    latency rules ``{"op", "seconds", "service"?, "contains"?}`` and capacity rules.
+
+    ``contains`` narrows a rule to requests whose body holds that text (for
+    example ``"running"``: only the transitions to ``running``, not the
+    agents' heartbeats, which share the operation). Each error rule counts
+    the requests it answered in ``hits``.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rules: list[dict[str, Any]] = []
-        self.latency: dict[str, float] = {}
+        self.latency: list[dict[str, Any]] = []
         self.capacity: list[dict[str, Any]] = []
 
     def clear(self) -> None:
@@ -63,23 +103,39 @@ class Faults:
             self.latency.clear()
             self.capacity.clear()
 
-    def match(self, service: str, op: str) -> dict[str, Any] | None:
+    @staticmethod
+    def _applies(r: dict[str, Any], service: str, op: str, body: bytes) -> bool:
+        if r.get("op") not in (op, "*") or r.get("service", service) != service:
+            return False
+        return not r.get("contains") or str(r["contains"]).encode() in body
+
+    def match(self, service: str, op: str, body: bytes = b"") -> dict[str, Any] | None:
         with self.lock:
             for r in self.rules:
-                if r.get("op") not in (op, "*") or r.get("service", service) != service:
+                if not self._applies(r, service, op, body):
                     continue
                 if "count" in r and r["count"] is not None:
                     if r["count"] <= 0:
                         continue
                     r["count"] -= 1
-                    return dict(r)
-                if random.random() < float(r.get("prob", 1.0)):
-                    return dict(r)
+                elif random.random() >= float(r.get("prob", 1.0)):
+                    continue
+                r["hits"] = r.get("hits", 0) + 1
+                return dict(r)
         return None
 
-    def delay_for(self, op: str) -> float:
+    def delay_for(self, service: str, op: str, body: bytes = b"") -> float:
+        """Seconds to sleep before serving: the newest latency rule that applies."""
         with self.lock:
-            return self.latency.get(op, self.latency.get("*", 0.0))
+            for r in reversed(self.latency):
+                if self._applies(r, service, op, body):
+                    return float(r.get("seconds", 0))
+        return 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"rules": [dict(r) for r in self.rules], "latency": [dict(r) for r in self.latency],
+                    "capacity": [dict(r) for r in self.capacity]}
 
 
 FAULTS = Faults()
@@ -123,8 +179,9 @@ def _json_response(start_response: Any, status: str, payload: Any) -> list[bytes
 class Middleware:
     """Lock, faults, latency and request counting in front of moto's WSGI app."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, emulator: Emulator | None = None) -> None:
         self.app = app
+        self.emulator = emulator              # the server, for /_emulator/restart
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
@@ -147,10 +204,10 @@ class Middleware:
         service = m.group(1) if m else ""
         if op:
             REQUESTS.add(f"{service}.{op}")
-            delay = FAULTS.delay_for(op)
+            delay = FAULTS.delay_for(service, op, body)
             if delay:
                 time.sleep(delay)
-            rule = FAULTS.match(service, op)
+            rule = FAULTS.match(service, op, body)
             if rule:
                 return self._fault(start_response, rule, json_protocol=bool(target))
         if op == "ReceiveMessage":           # never hold the lock across an SQS long poll
@@ -189,10 +246,17 @@ class Middleware:
         if path == "/_emulator/faults" and method == "DELETE":
             FAULTS.clear()
             return _json_response(start_response, "200 OK", {"cleared": True})
+        if path == "/_emulator/faults" and method == "GET":
+            return _json_response(start_response, "200 OK", FAULTS.snapshot())
         if path == "/_emulator/latency" and method == "POST":
+            try:
+                rule = {**data, "op": data.get("op", "*"), "seconds": float(data.get("seconds", 0))}
+            except (TypeError, ValueError):
+                return _json_response(start_response, "400 Bad Request", {"error": "seconds must be a number"})
             with FAULTS.lock:
-                FAULTS.latency[data.get("op", "*")] = float(data.get("seconds", 0))
-            return _json_response(start_response, "200 OK", {"latency": FAULTS.latency})
+                FAULTS.latency.append(rule)
+                count = len(FAULTS.latency)
+            return _json_response(start_response, "200 OK", {"latency_rules": count})
         if path == "/_emulator/capacity" and method == "POST":
             with FAULTS.lock:
                 FAULTS.capacity.append(data)
@@ -209,8 +273,22 @@ class Middleware:
             except Exception as exc:  # a control call must answer, whatever went wrong
                 status, payload = 500, {"error": f"{type(exc).__name__}: {exc}"}
             return _json_response(start_response, f"{status} X", payload)
+        if path == "/_emulator/restart" and method == "POST":
+            if self.emulator is None:
+                return _json_response(start_response, "404 Not Found", {"error": "no server to restart"})
+            try:
+                down_s = float(data.get("down_s", 3))
+            except (TypeError, ValueError):
+                return _json_response(start_response, "400 Bad Request", {"error": "down_s must be a number"})
+            if not 0 <= down_s <= MAX_DOWN_S:
+                return _json_response(start_response, "400 Bad Request",
+                                      {"error": f"down_s must be between 0 and {MAX_DOWN_S}"})
+            if not self.emulator.restart_in_background(down_s, keep=environ.get("werkzeug.socket")):
+                return _json_response(start_response, "409 Conflict", {"error": "a restart is under way"})
+            return _json_response(start_response, "202 Accepted", {"restarting": True, "down_s": down_s})
         if path == "/_emulator/health":
-            return _json_response(start_response, "200 OK", {"ok": True})
+            restarts = self.emulator.restarts if self.emulator is not None else 0
+            return _json_response(start_response, "200 OK", {"ok": True, "restarts": restarts})
         return _json_response(start_response, "404 Not Found", {"error": f"no control endpoint {method} {path}"})
 
 
@@ -273,6 +351,7 @@ def _consume_capacity_rules() -> None:
 
 
 _tls = threading.local()
+_FLEET_TOKENS: dict[tuple[str, str, str], Any] = {}     # (account, region, ClientToken) -> first result
 
 
 def install_fleet_shim() -> None:
@@ -344,12 +423,21 @@ def install_fleet_shim() -> None:
         return fleet
 
     def create_fleet_response(self: Any) -> Any:
+        # Idempotency (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-idempotency.html):
+        # a ClientToken already used answers with the first call's result. The middleware holds
+        # BACKEND_LOCK around the request, so the check and the launch are one step.
+        token = self._get_param("ClientToken")
+        key = (self.current_account, self.region, token)
+        if token and key in _FLEET_TOKENS:
+            return _FLEET_TOKENS[key]
         _tls.errors = []
         result = original_response(self)
         if getattr(_tls, "errors", None):
             result.result["Errors"] = _tls.errors
         # EC2 groups instances of one type/override/lifecycle into one entry; moto lists one per
         # instance. Both shapes are valid to a client that flattens, which ours does.
+        if token:
+            _FLEET_TOKENS[key] = result
         return result
 
     create_fleet._runner_pool_shim = True  # type: ignore[attr-defined]
@@ -359,36 +447,121 @@ def install_fleet_shim() -> None:
 
 # ---------------------------------------------------------------- server
 
+def _tracking_server(host: str, port: int, app: Any) -> Any:
+    """A threaded werkzeug server that knows its open connections, so a restart can drop them.
+
+    Werkzeug's threaded server speaks HTTP/1.1 with keep-alive, and a handler
+    thread keeps serving its connection after ``shutdown()``: without
+    dropping them, a "restarted" server would still answer every client that
+    had a pooled connection.
+    """
+    from werkzeug.serving import ThreadedWSGIServer
+
+    class Server(ThreadedWSGIServer):
+        def __init__(self) -> None:
+            super().__init__(host, port, app)
+            self.open_lock = threading.Lock()
+            self.open: set[socket.socket] = set()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            with self.open_lock:
+                self.open.add(request)
+            super().process_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            with self.open_lock:
+                self.open.discard(request)
+            super().shutdown_request(request)
+
+        def drop_connections(self, keep: Any = None) -> int:
+            with self.open_lock:
+                doomed = [c for c in self.open if c is not keep]
+            for conn in doomed:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return len(doomed)
+
+    return Server()
+
+
 class Emulator:
     """moto's server with the fixes above, on 127.0.0.1 in a thread of this process."""
 
     def __init__(self, port: int = 0) -> None:
         self.port = port
+        self.restarts = 0
+        self._app: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._restarting = threading.Lock()
 
     def start(self) -> Emulator:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         install_fleet_shim()
-        app = Middleware(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self._app = Middleware(DomainDispatcherApplication(create_backend_app), emulator=self)
+        self._serve()
+        return self
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + REBIND_TIMEOUT_S
+        while True:
+            try:
+                self._server = _tracking_server("127.0.0.1", self.port, self._app)
+                break
+            except OSError:
+                if self.port == 0 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="aws-emulator", daemon=True)
         self._thread.start()
-        return self
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def restart(self, down_s: float, keep: Any = None) -> None:
+        """Stop serving, drop connections (but ``keep``), refuse connections ``down_s``, serve again.
+
+        The WSGI app and moto's backends are untouched: the state survives.
+        """
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()                 # the listening socket is gone: connections are refused
+        dropped = server.drop_connections(keep)
+        self._server = None
+        logging.getLogger("runner_pool.emulator").warning(
+            "emulator down for %.1f s (%d connection(s) dropped)", down_s, dropped)
+        time.sleep(down_s)
+        self._serve()
+        self.restarts += 1
+
+    def restart_in_background(self, down_s: float, keep: Any = None) -> bool:
+        """Start :meth:`restart` in a thread; False if a restart is already under way."""
+        if not self._restarting.acquire(blocking=False):
+            return False
+
+        def run() -> None:
+            try:
+                self.restart(down_s, keep)
+            finally:
+                self._restarting.release()
+
+        threading.Thread(target=run, name="aws-emulator-restart", daemon=True).start()
+        return True
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        with self._restarting:                # never stop half-way through a restart
+            if self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
+                self._server = None
 
 
 def main(argv: list[str] | None = None) -> int:
