@@ -22,12 +22,23 @@ CreateFleet uses a client with few attempts: with ``Type=instant`` capacity
 problems come back in the response's ``Errors``, not as exceptions, and a
 fleet request that keeps failing should fail the provision fast rather than
 sit in backoff.
+
+An endpoint that refuses connections (a network blip, an endpoint or proxy
+restarting) is retried for ``UNREACHABLE_RETRY_S`` on every client, the
+fleet client included: botocore's own budget for it is 8 attempts at a 50 ms
+(DynamoDB: 25 ms) backoff base, about 1.5 s, after which a provision would
+die mid-validation and leave its cleanup to reconcile. Only failures to
+*connect* get the longer budget: such a request never reached AWS, so
+sending it again is safe even for a write; a connection that broke after the
+request was sent keeps botocore's budget.
 """
 from __future__ import annotations
 
 import contextvars
 import os
+import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +46,7 @@ from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 
 from controlplane.errors import AwsError
 
@@ -46,6 +57,8 @@ MAX_ATTEMPTS = 8
 FLEET_MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30           # > SQS long poll (20 s max)
+UNREACHABLE_RETRY_S = 30      # keep retrying a call whose connection is refused this long
+UNREACHABLE_BACKOFF_MAX_S = 2
 
 THROTTLING_CODES = frozenset({
     "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
@@ -97,6 +110,18 @@ def _count_call(model: Any, **_: Any) -> None:
         counter.add(f"{model.service_model.service_name}.{model.name}")
 
 
+def _retry_unreachable(attempts: int, caught_exception: BaseException | None = None,
+                       request_dict: dict[str, Any] | None = None, **_: Any) -> float | None:
+    """``needs-retry`` handler: a delay while the endpoint refuses connections, else None (botocore decides)."""
+    if not isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError)) or request_dict is None:
+        return None
+    context = request_dict.setdefault("context", {})
+    since = context.setdefault("runner_pool_unreachable_since", time.monotonic())
+    if time.monotonic() - since > UNREACHABLE_RETRY_S:
+        return None
+    return float(random.uniform(0.5, 1.0) * min(UNREACHABLE_BACKOFF_MAX_S, 0.1 * 2 ** attempts))
+
+
 def _config(region: str, attempts: int) -> Config:
     return Config(
         region_name=region,
@@ -122,6 +147,7 @@ def client(service: str, region: str, *, attempts: int = MAX_ATTEMPTS) -> Any:
             if c is None:
                 c = boto3.session.Session().client(service, config=_config(region, attempts))
                 c.meta.events.register("before-call", _count_call)
+                c.meta.events.register_first("needs-retry", _retry_unreachable)
                 _clients[key] = c
     return c
 
