@@ -87,6 +87,9 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     md = out.get("MetadataOptions") or {}
     out["MetadataOptions"] = {k: md.get(k) for k in ("HttpTokens", "HttpPutResponseHopLimit", "HttpEndpoint",
                                                       "InstanceMetadataTags")}
+    # The template's own tags are not launch data; moto folds them into version 1's TagSpecifications.
+    specs = out.get("TagSpecifications") or []
+    out["TagSpecifications"] = [t for t in specs if t.get("ResourceType") != "launch-template"] or None
     return out
 
 
