@@ -14,6 +14,7 @@ from typing import Any
 
 from controlplane import aws, launch_template, pool, store, token
 from controlplane.config import PoolConfig
+from controlplane.errors import ConfigErrors
 from controlplane.github import GitHubClient, github_client_from_env
 from controlplane.logs import QUIET, Progress, event
 from controlplane.store import Pool
@@ -41,6 +42,7 @@ def apply_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Pr
     started = time.monotonic()
     github = github or github_client_from_env(cfg.github.api_url, cfg.github.scope)  # fails before any AWS change
     launch_template.render(cfg)                                                     # user data size check, too
+    check_network(cfg)                                                              # reads only
     account, partition = aws.account_and_partition(cfg.region)
     p = Pool(cfg, account, partition)
     progress.phase(f"pool {cfg.name}: table {cfg.table_name}")
@@ -58,6 +60,36 @@ def apply_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Pr
     event("pool.apply", pool=cfg.name, table_created=created, queues=sorted(queues), lt_version=lt.default_version,
           lt_changed=lt.changed, tokens_rotated=rotated, duration_s=result.duration_s)
     return result
+
+
+def check_network(cfg: PoolConfig) -> None:
+    """The subnets and security groups the config names exist in its region (ConfigErrors if not).
+
+    A typo'd id passes the config's pattern and the launch template (which holds
+    no subnet), and would otherwise surface only at the first CreateFleet.
+    Describe calls with filters answer with what exists instead of failing on
+    the first unknown id, so every missing one is named at once.
+    """
+    from botocore.exceptions import ClientError
+
+    ec2 = aws.client("ec2", cfg.region)
+    problems = []
+    try:
+        found = {s["SubnetId"] for s in ec2.describe_subnets(
+            Filters=[{"Name": "subnet-id", "Values": list(cfg.subnets)}])["Subnets"]}
+        missing = [s for s in cfg.subnets if s not in found]
+        if missing:
+            problems.append(f"subnets: {missing} not found in {cfg.region} (check the ids and the region)")
+        if cfg.security_groups:
+            found = {g["GroupId"] for g in ec2.describe_security_groups(
+                Filters=[{"Name": "group-id", "Values": list(cfg.security_groups)}])["SecurityGroups"]}
+            missing = [g for g in cfg.security_groups if g not in found]
+            if missing:
+                problems.append(f"security_groups: {missing} not found in {cfg.region} (check the ids and the region)")
+    except ClientError as exc:
+        raise aws.wrap(exc, "ec2:DescribeSubnets/DescribeSecurityGroups") from exc
+    if problems:
+        raise ConfigErrors(problems)
 
 
 @dataclass
