@@ -18,10 +18,12 @@ Every client:
 * counts its calls into the current :class:`CallCounter`, so provision and
   release can report API calls per runner.
 
-CreateFleet uses a client with few attempts: with ``Type=instant`` capacity
-problems come back in the response's ``Errors``, not as exceptions, and a
-fleet request that keeps failing should fail the provision fast rather than
-sit in backoff.
+CreateFleet gets the same retries as every call. With ``Type=instant``
+capacity problems come back in the response's ``Errors``, not as exceptions,
+so what botocore retries there is throttling (``RequestLimitExceeded``) and
+5xx, and the ``ClientToken`` makes a retried call return the first call's
+fleet instead of launching another. (It used to have 3 attempts "to fail
+fast": a burst of three throttled requests then failed the whole run.)
 
 An endpoint that refuses connections (a network blip, an endpoint or proxy
 restarting) is retried for ``UNREACHABLE_RETRY_S`` on every client, the
@@ -54,7 +56,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_ATTEMPTS = 8
-FLEET_MAX_ATTEMPTS = 3
+FLEET_MAX_ATTEMPTS = MAX_ATTEMPTS    # see the module docstring
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30           # > SQS long poll (20 s max)
 UNREACHABLE_RETRY_S = 30      # keep retrying a call whose connection is refused this long
@@ -153,7 +155,7 @@ def client(service: str, region: str, *, attempts: int = MAX_ATTEMPTS) -> Any:
 
 
 def fleet_client(region: str) -> Any:
-    """EC2 client for CreateFleet: few attempts, see the module docstring."""
+    """EC2 client for CreateFleet (retries: see the module docstring)."""
     return client("ec2", region, attempts=FLEET_MAX_ATTEMPTS)
 
 
