@@ -1,0 +1,507 @@
+"""Faults: what breaks in production, injected one at a time, and nothing leaks.
+
+Each test injects one fault into the embedded default (AWS throttling, EC2
+capacity, the AWS endpoint going away, an agent or the provisioner killed
+with SIGKILL), lets the control plane do what it would do anyway (the
+provision's own validation and rollback, release, the scheduled reconcile),
+asserts what a user would see (the run's result or exit code, instances and
+their subnets and types in EC2, rows in the table, runners on GitHub), and
+ends with the reliability invariants: every instance has a row, every live
+row an instance, every registered runner a live instance, no instance in two
+runs.
+
+Faults are injected where they happen in production, through the emulator
+and the GitHub stand-in over HTTP, never by patching the code under test; the
+agents run in the same emulator and meet the same faults. Waits are for
+conditions with generous deadlines (CI has two busy cores), never for time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pytest
+
+from controlplane import aws, store
+from controlplane.apply import pool_instance_ids
+from controlplane.clock import SystemClock
+from controlplane.provision import ProvisionRequest, ProvisionResult, provision
+from controlplane.reconcile import ORPHAN_GRACE_S, reconcile
+from controlplane.records import Signal, State
+from controlplane.release import ReleaseResult, release
+from tests.conftest import ROOT, Emu, run_cli
+from tests.reliability.invariants import check
+
+T = TypeVar("T")
+
+WAIT_S = 90.0                 # deadline of every wait for a condition (CI is slow, not stuck)
+POLL_S = 0.2
+
+
+# ---------------------------------------------------------------- helpers
+
+def run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:10]}"
+
+
+def prov(pool: Any, n: int, rid: str | None = None) -> ProvisionResult:
+    return provision(pool, ProvisionRequest(rid or run_id(), "small", n))
+
+
+def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
+    """``probe()`` once it is truthy; fails the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
+def control(url: str, method: str = "GET", body: Any = None, timeout_s: float = 10) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def github_fault(emu: Emu, **rule: Any) -> None:
+    control(f"{emu.github}/_control/faults", "POST", rule)
+
+
+def github_requests(emu: Emu, key: str) -> int:
+    return int(emu.github_state()["requests"].get(key, 0))
+
+
+def aws_requests(emu: Emu, key: str) -> int:
+    return int(emu.requests()["counts"].get(key, 0))
+
+
+def ec2_view(pool: Any, ids: list[str]) -> dict[str, dict[str, str]]:
+    """State, type and subnet of instances as EC2 reports them."""
+    if not ids:
+        return {}
+    ec2 = aws.client("ec2", pool.region)
+    return {i["InstanceId"]: {"state": i["State"]["Name"], "type": i["InstanceType"], "subnet": i["SubnetId"]}
+            for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]}
+
+
+def gone_from_ec2(pool: Any, iid: str) -> bool:
+    return ec2_view(pool, [iid])[iid]["state"] in ("shutting-down", "terminated")
+
+
+def row_state(pool: Any, iid: str) -> str:
+    record, _ = store.read_set(pool, [iid])[iid]
+    return record.state.value if record else "missing"
+
+
+def agent_of(pool: Any, iid: str) -> Any:
+    return store.read_set(pool, [iid])[iid][1]
+
+
+def signal_of(pool: Any, iid: str) -> Signal | None:
+    agent = agent_of(pool, iid)
+    return agent.signal if agent is not None else None
+
+
+def runners_of(emu: Emu, iid: str) -> list[dict[str, Any]]:
+    return [r for r in emu.runners() if r["name"].startswith(f"{iid}-")]
+
+
+def online(emu: Emu, label: str) -> list[dict[str, Any]]:
+    return [r for r in emu.runners() if label in [lb["name"] for lb in r["labels"]] and r["status"] == "online"]
+
+
+def heartbeat_stale(pool: Any, iid: str) -> bool:
+    agent = agent_of(pool, iid)
+    return agent is not None and not agent.is_healthy(time.time(), pool.config.heartbeat_stale_s)
+
+
+class Later(SystemClock):
+    """The wall clock ``shift_s`` ahead: the scheduled reconcile that runs after a grace period."""
+
+    def __init__(self, shift_s: float) -> None:
+        self.shift_s = shift_s
+
+    def now(self) -> float:
+        return super().now() + self.shift_s
+
+
+AFTER_ORPHAN_GRACE = Later(ORPHAN_GRACE_S + 1)
+
+
+# ---------------------------------------------------------------- throttling on each AWS service
+
+# The throttling code each service really sends (botocore retries every one of them), and where the
+# product calls it (agents included: only they read SSM while provisioning and releasing; only apply and
+# refresh call STS).
+THROTTLING = [
+    pytest.param("dynamodb", "ThrottlingException", 400, ("provision", "release"), id="dynamodb"),
+    pytest.param("sqs", "RequestThrottled", 400, ("provision", "release"), id="sqs"),
+    pytest.param("ec2", "RequestLimitExceeded", 503, ("provision",), id="ec2"),
+    pytest.param("ssm", "ThrottlingException", 400, ("provision", "release"), id="ssm"),
+    pytest.param("sts", "Throttling", 400, ("apply",), id="sts"),
+]
+# The other codes the same services send for throttling (the JSON protocol's name for SQS).
+OTHER_THROTTLING_CODES = [("dynamodb", "ProvisionedThroughputExceededException", 400),
+                          ("sqs", "ThrottlingException", 400), ("ec2", "RequestLimitExceeded", 503),
+                          ("ssm", "ThrottlingException", 400), ("sts", "Throttling", 400)]
+BURST = 3                      # throttled requests in a row: all of one CreateFleet's attempts, before the fix
+# Throttling backs off in seconds (base 1 s), whatever the heartbeat period: judge heartbeats as the default
+# config does (15 s), not as the FAST test timings do (4 s).
+THROTTLED_STALE_S = 15
+
+
+def served_throttles(emu: Emu) -> int:
+    """Throttling answers the emulator gave since the last clear; then clear for the next phase."""
+    hits = sum(int(r.get("hits", 0)) for r in control(f"{emu.aws}/_emulator/faults")["rules"])
+    control(f"{emu.aws}/_emulator/faults", "DELETE")
+    return hits
+
+
+@pytest.mark.parametrize("service, code, status, phases", THROTTLING)
+def test_a_burst_of_throttling_on_each_service_is_retried_and_provision_and_release_succeed(
+        make_pool: Any, emu: Emu, service: str, code: str, status: int, phases: tuple[str, ...]) -> None:
+    served: dict[str, int] = {}
+
+    def throttled(phase: str, fn: Callable[..., T], *args: Any) -> T:
+        if phase not in phases:
+            return fn(*args)
+        emu.fault(op="*", service=service, code=code, status=status, count=BURST)
+        out = fn(*args)
+        served[phase] = served_throttles(emu)
+        return out
+
+    pool = throttled("apply", lambda: make_pool(heartbeat_stale_s=THROTTLED_STALE_S))
+    res = throttled("provision", prov, pool, 2)
+    assert res.ok, res.reason
+    assert len(online(emu, res.label)) == 2
+    rel = throttled("release", release, pool, res.run_id)
+    assert sorted(rel.returned_to_pool) == sorted(res.instance_ids) and rel.ok
+    assert online(emu, res.label) == []
+    assert served == {phase: BURST for phase in phases}          # every throttle was met, and retried
+    check(pool, emu)
+
+
+def test_a_tenth_of_every_services_requests_throttled_at_once_still_provisions_and_releases(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool(heartbeat_stale_s=THROTTLED_STALE_S)
+    for service, code, status in OTHER_THROTTLING_CODES:
+        emu.fault(op="*", service=service, code=code, status=status, prob=0.1)
+    res = prov(pool, 2)
+    assert res.ok, res.reason
+    rel = release(pool, res.run_id)
+    assert sorted(rel.returned_to_pool) == sorted(res.instance_ids) and rel.ok
+    assert served_throttles(emu) > 0
+    check(pool, emu)
+
+
+# ---------------------------------------------------------------- CreateFleet capacity per subnet and type
+
+@pytest.mark.parametrize("capacity", [
+    pytest.param({0: 0}, id="first-subnet-empty"),
+    pytest.param({0: 1}, id="first-subnet-has-one"),
+    pytest.param({0: 0, 1: 0}, id="only-the-third-subnet-has-capacity"),
+])
+def test_subnets_short_of_capacity_get_no_more_than_they_have_and_the_rest_lands_elsewhere(
+        make_pool: Any, emu: Emu, local: dict[str, Any], capacity: dict[int, int]) -> None:
+    subnets = local["network"]["subnets"]
+    pool = make_pool()
+    for index, available in capacity.items():
+        emu.capacity(subnets=[subnets[index]], available=available)
+    res = prov(pool, 3)
+    assert res.ok, res.reason
+    per_subnet = Counter(v["subnet"] for v in ec2_view(pool, res.instance_ids).values())
+    assert sum(per_subnet.values()) == 3
+    for index, available in capacity.items():
+        assert per_subnet[subnets[index]] <= available, per_subnet
+    assert set(per_subnet) <= set(subnets)
+    if 0 in capacity.values():
+        assert res.capacity_errors.get("InsufficientInstanceCapacity", 0) >= 1
+    check(pool, emu)
+
+
+def test_the_type_ec2_picked_having_no_capacity_gives_another_type_that_meets_the_class(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool()
+    first = prov(pool, 1)
+    assert first.ok, first.reason
+    preferred = ec2_view(pool, first.instance_ids)[first.instance_ids[0]]["type"]
+    emu.capacity(instance_types=[preferred], available=0)
+    res = prov(pool, 2)
+    assert res.ok, res.reason
+    types = {v["type"] for v in ec2_view(pool, res.instance_ids).values()}
+    assert preferred not in types
+    specs = aws.client("ec2", pool.region).describe_instance_types(InstanceTypes=sorted(types))["InstanceTypes"]
+    for spec in specs:                                    # the class: 2 vCPU, >= 4 GiB, c* or m*
+        assert spec["VCpuInfo"]["DefaultVCpus"] == 2 and spec["MemoryInfo"]["SizeInMiB"] >= 4096
+        assert spec["InstanceType"].startswith(("c", "m")), spec["InstanceType"]
+    check(pool, emu)
+
+
+def test_no_capacity_anywhere_fails_the_provision_cleanly_naming_the_error_and_leaves_nothing(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool()
+    emu.capacity(available=0)
+    rid = run_id()
+    out = run_cli("provision", "--pool", pool.name, "--run-id", rid, "--resource-class", "small",
+                  "--count", "2", "--json")
+    assert out.returncode == 1, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["ok"] is False and "InsufficientInstanceCapacity" in doc["reason"], doc["reason"]
+    assert doc["instances"] == [] and doc["cleanup"]["failed"] == []
+    assert pool_instance_ids(pool.config) == []
+    assert store.run_records(pool, rid) == []
+    check(pool, emu)
+
+
+# ---------------------------------------------------------------- the AWS endpoint restarting mid-provision
+
+def emulator_health(emu: Emu) -> dict[str, Any] | None:
+    try:
+        return control(f"{emu.aws}/_emulator/health", timeout_s=2)  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+def restart_emulator(emu: Emu, down_s: float) -> None:
+    """Restart the emulator's server (state kept) and wait until it was down and is back."""
+    before = emulator_health(emu)
+    assert before is not None
+    control(f"{emu.aws}/_emulator/restart", "POST", {"down_s": down_s})
+    wait_for(lambda: emulator_health(emu) is None, "the emulator to refuse connections", 30)
+    wait_for(lambda: (emulator_health(emu) or {}).get("restarts") == before["restarts"] + 1,
+             "the emulator to serve again", 30 + down_s)
+
+
+@pytest.mark.parametrize("phase", ["creation", "validation"])
+def test_the_aws_endpoint_restarting_mid_provision_is_ridden_out_by_the_control_plane_and_agents(
+        make_pool: Any, emu: Emu, phase: str) -> None:
+    pool = make_pool(heartbeat_stale_s=10)
+    rid = run_id()
+    fleets = aws_requests(emu, "ec2.CreateFleet")
+    if phase == "creation":                   # CreateFleet is in flight when the server goes away
+        control(f"{emu.aws}/_emulator/latency", "POST", {"op": "CreateFleet", "seconds": 3})
+    else:                                     # registration outlasts the outage
+        emu.behaviour(match={"pool": pool.name}, registration="delay", registration_delay_s=5)
+    running = in_background(prov, pool, 2, rid)
+    if phase == "creation":
+        wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach the emulator")
+    else:
+        rows = wait_for(lambda: [r.instance_id for r in store.run_records(pool, rid)] if len(
+            store.run_records(pool, rid)) == 2 else None, "the created rows")
+        wait_for(lambda: all(a is not None and a.signal is Signal.WAITING
+                             for _, a in store.read_set(pool, rows).values()), "both agents to boot")
+    restart_emulator(emu, down_s=3)
+    res = running.result(timeout=240)
+    assert res.ok, res.reason
+    assert sorted(pool_instance_ids(pool.config)) == sorted(res.instance_ids)   # one fleet, none leaked
+    assert len(online(emu, res.label)) == 2
+    check(pool, emu)
+
+
+# ---------------------------------------------------------------- an agent killed at each step of its life
+
+def kill_while_booting(pool: Any, emu: Emu) -> None:
+    """The pre-runner script is still running: validation sees the heartbeat stop and rolls back."""
+    rid = run_id()
+    running = in_background(prov, pool, 1, rid)
+    iid = wait_for(lambda: next((r.instance_id for r in store.run_records(pool, rid)), None), "the created row")
+    wait_for(lambda: signal_of(pool, iid) is Signal.BOOTING, "the agent to signal booting")
+    emu.kill_agent(iid)
+    res = running.result(timeout=180)
+    assert not res.ok and "heartbeat stopped" in res.reason and iid in res.reason, res.reason
+    assert res.cleanup.terminated == [iid]
+    assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
+
+
+def kill_while_idle_in_the_pool(pool: Any, emu: Emu) -> None:
+    """Idle and deregistered: the next provision's health check terminates it and creates another."""
+    first = prov(pool, 1)
+    assert first.ok, first.reason
+    release(pool, first.run_id)
+    iid = first.instance_ids[0]
+    assert row_state(pool, iid) == "idle" and signal_of(pool, iid) is Signal.DEREGISTERED
+    emu.kill_agent(iid)
+    wait_for(lambda: heartbeat_stale(pool, iid), "the dead agent's heartbeat to go stale")
+    res = prov(pool, 1)
+    assert res.ok, res.reason
+    assert iid not in res.instance_ids and res.created == 1
+    assert len(online(emu, res.label)) == 1
+    assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
+
+
+def kill_while_registering(pool: Any, emu: Emu) -> None:
+    """config.sh is talking to GitHub: rollback terminates it; a registration GitHub finishes late is
+    removed by the scheduled reconcile."""
+    emu.behaviour(match={"pool": pool.name}, registration="hang")
+    registers = github_requests(emu, "POST /_runner/register")
+    rid = run_id()
+    running = in_background(prov, pool, 1, rid)
+    iid = wait_for(lambda: next((r.instance_id for r in store.run_records(pool, rid)), None), "the created row")
+    wait_for(lambda: github_requests(emu, "POST /_runner/register") > registers, "config.sh to reach GitHub")
+    emu.kill_agent(iid)
+    res = running.result(timeout=180)
+    assert not res.ok and "heartbeat stopped" in res.reason, res.reason
+    assert res.cleanup.terminated == [iid]
+    assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
+    control(f"{emu.github}/_control/faults", "DELETE")          # GitHub finishes the held registration
+    wait_for(lambda: runners_of(emu, iid), "GitHub to finish the registration it was holding")
+    reconcile(pool)
+    assert runners_of(emu, iid) == []
+
+
+def kill_while_registered(pool: Any, emu: Emu) -> None:
+    """Registered for a run: release terminates it (no fresh heartbeat), reconcile removes its runner."""
+    res = prov(pool, 2)
+    assert res.ok, res.reason
+    dead, alive = res.instance_ids
+    emu.kill_agent(dead)
+    rel = release(pool, res.run_id)
+    assert rel.terminated == [dead] and rel.returned_to_pool == [alive]
+    assert row_state(pool, dead) == "terminated" and gone_from_ec2(pool, dead)
+    assert row_state(pool, alive) == "idle" and runners_of(emu, alive) == []
+    reconcile(pool)
+    assert runners_of(emu, dead) == []
+
+
+def kill_while_deregistering(pool: Any, emu: Emu) -> None:
+    """config.sh remove is talking to GitHub: release stops waiting for it and terminates it."""
+    res = prov(pool, 1)
+    assert res.ok, res.reason
+    iid = res.instance_ids[0]
+    github_fault(emu, mode="hang", path_contains="/_runner/remove")
+    removes = github_requests(emu, "POST /_runner/remove")
+    releasing = in_background(release, pool, res.run_id)
+    wait_for(lambda: github_requests(emu, "POST /_runner/remove") > removes, "config.sh remove to reach GitHub")
+    assert row_state(pool, iid) == "draining" and signal_of(pool, iid) is Signal.REGISTERED
+    emu.kill_agent(iid)
+    rel: ReleaseResult = releasing.result(timeout=180)
+    assert rel.terminated == [iid] and rel.returned_to_pool == []
+    assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
+    control(f"{emu.github}/_control/faults", "DELETE")          # GitHub finishes the held removal
+    reconcile(pool)
+    assert runners_of(emu, iid) == []
+
+
+AGENT_STEPS = {
+    "booting": kill_while_booting, "idle-in-the-pool": kill_while_idle_in_the_pool,
+    "registering": kill_while_registering, "registered": kill_while_registered,
+    "deregistering": kill_while_deregistering,
+}
+
+
+@pytest.mark.parametrize("step", list(AGENT_STEPS))
+def test_an_agent_killed_at_each_step_of_its_life_leaves_a_terminated_instance_and_no_runner(
+        make_pool: Any, emu: Emu, step: str) -> None:
+    pool = make_pool(**({"pre_runner_script": "sleep 300\n"} if step == "booting" else {}))
+    AGENT_STEPS[step](pool, emu)
+    check(pool, emu)
+
+
+# ---------------------------------------------------------------- the provisioner killed at each phase
+
+class Provisioner:
+    """``runner-pool provision`` as a process, its progress lines collected as they come."""
+
+    def __init__(self, pool: Any, rid: str, count: int) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane", "provision", "--pool", pool.name, "--run-id", rid,
+             "--resource-class", "small", "--count", str(count)],
+            cwd=ROOT, env={**os.environ, "RUNNER_POOL_LOG_LEVEL": "WARNING"}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip())
+
+    def reached(self, tag: str) -> bool:
+        return any(line.startswith(tag) for line in self.lines)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(30) == -signal.SIGKILL, self.lines
+
+
+PHASES = ["[1/4] selection", "[2/4] creation", "[3/4] validation", "[4/4] commit"]
+
+
+@pytest.mark.parametrize("phase", [p.split()[1] for p in PHASES])
+def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_release(
+        make_pool: Any, emu: Emu, phase: str) -> None:
+    pool = make_pool()
+    rid = run_id()
+    tag = next(p for p in PHASES if p.endswith(phase))
+    latency = f"{emu.aws}/_emulator/latency"
+    warm: list[str] = []
+    if phase == "selection":                  # claimed, the message not yet deleted
+        first = prov(pool, 1)
+        assert first.ok, first.reason
+        release(pool, first.run_id)
+        warm = first.instance_ids
+        control(latency, "POST", {"op": "DeleteMessageBatch", "service": "sqs", "seconds": 15})
+    elif phase == "creation":                 # CreateFleet in flight: EC2 launches, no row written yet
+        control(latency, "POST", {"op": "CreateFleet", "seconds": 5})
+    elif phase == "validation":
+        emu.behaviour(match={"pool": pool.name}, registration="hang")
+    else:                                     # the commit writes in flight (not the agents' writes)
+        control(latency, "POST", {"op": "UpdateItem", "contains": '"running"', "seconds": 6})
+    fleets = aws_requests(emu, "ec2.CreateFleet")
+    p = Provisioner(pool, rid, 2)
+    wait_for(lambda: p.reached(tag), f"the provisioner to reach {tag!r}")
+    if phase == "selection":
+        wait_for(lambda: store.run_records(pool, rid), "the claim")
+    elif phase == "creation":
+        wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach EC2")
+    elif phase == "validation":
+        wait_for(lambda: len(store.run_records(pool, rid)) == 2, "the created rows")
+    p.kill()
+    following = PHASES[PHASES.index(tag) + 1:]
+    assert not any(p.reached(t) for t in following), p.lines           # it died in that phase
+    if phase == "creation":
+        wait_for(lambda: len(pool_instance_ids(pool.config)) == 2, "the fleet EC2 was launching")
+    elif phase == "commit":
+        assert {r.state for r in store.run_records(pool, rid)} == {State.CREATED}
+        wait_for(lambda: {r.state for r in store.run_records(pool, rid)} == {State.RUNNING},
+                 "the commit writes in flight to land")
+    emu.clear_faults()                                                  # the fault is over; now recover
+    fixed = reconcile(pool, clock=AFTER_ORPHAN_GRACE)                   # the scheduled one, later
+    rel = release(pool, rid)                                            # the workflow's release step
+    assert not fixed.failed and rel.ok
+    if phase == "creation":
+        assert len([a for a in fixed.applied if a.kind == "terminate_instance"]) == 2 and rel.found == []
+    elif phase == "selection":
+        assert rel.returned_to_pool == warm
+    elif phase == "validation":
+        assert len(rel.terminated) == 2
+    else:
+        assert len(rel.returned_to_pool) == 2
+    assert [r for r in store.run_records(pool, rid) if r.state is not State.TERMINATED] == []
+    assert {r.state for r in store.all_records(pool)} <= {State.IDLE, State.TERMINATED}
+    wait_for(lambda: online(emu, rid) == [], "no runner online for the dead run", 30)
+    check(pool, emu)
