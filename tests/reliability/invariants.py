@@ -8,7 +8,8 @@ own cleanup, then ``reconcile``), a pool must satisfy all four:
 3. every runner registered on GitHub with the pool's label runs on a live
    instance of the pool (runner names are ``<instance-id>-<n>``);
 4. no instance is in two runs: at most one registered runner per instance,
-   and that runner's run label is the run its row names (if any).
+   that runner's run label is the run its row names (if any), and an
+   ``idle`` instance (the next run's to claim) has no runner carrying a run.
 
 Terminated instances' agents deregister as the OS shutdown reaches them, so
 (3) and (4) are checked until they hold or ``settle_s`` passes; (1) and (2) are
@@ -50,6 +51,9 @@ def _github_problems(pool: Any, emu: Any, live: dict[str, Any]) -> list[str]:
             if row_run is not None and runner["runs"] and runner["runs"] != [row_run]:
                 problems.append(f"instance {iid} is in run {row_run} but its runner {runner['name']} "
                                 f"carries {runner['runs']}")
+            elif live[iid].state is State.IDLE and runner["runs"]:
+                problems.append(f"instance {iid} is idle in the pool but its runner {runner['name']} "
+                                f"is still registered for {runner['runs']}")
     return problems
 
 
