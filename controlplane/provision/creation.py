@@ -16,12 +16,17 @@ as on-demand when the pool allows fallback (the reference had none).
 Rows are written right after each CreateFleet response, before anything
 else: an instance is untracked only for the milliseconds of that write, and
 ``reconcile`` terminates tagged instances with no row after a grace period.
-The ClientToken is derived from the run id and attempt, so a retried call
-cannot launch a second fleet on real EC2.
+The ClientToken is derived from the run id, the attempt and a nonce drawn
+once per ``create`` call: botocore's retries of one call resend the same
+token, so a retried call cannot launch a second fleet on real EC2, while a
+later provision of the same run id (after its release) gets a fleet of its
+own. Without the nonce EC2 answered that provision with the first fleet's
+instances, long gone, and it waited out its validation timeout.
 """
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,14 +69,14 @@ def instance_requirements(rc: ResourceClass) -> dict[str, Any]:
 
 
 def fleet_request(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str,
-                  attempt: int) -> dict[str, Any]:
+                  attempt: int, nonce: str = "") -> dict[str, Any]:
     cfg = pool.config
     req = instance_requirements(cfg.resource_class(resource_class))
     tcs: dict[str, Any] = {"TotalTargetCapacity": count, "DefaultTargetCapacityType": usage_class}
     tcs["SpotTargetCapacity" if usage_class == "spot" else "OnDemandTargetCapacity"] = count
     tags = [{"Key": "runner-pool:pool", "Value": cfg.name}, {"Key": "runner-pool:run-id", "Value": run_id},
             {"Key": "runner-pool:class", "Value": resource_class}]
-    token = hashlib.sha256(f"{cfg.name}:{run_id}:{attempt}:{usage_class}".encode()).hexdigest()[:32]
+    token = hashlib.sha256(f"{cfg.name}:{run_id}:{attempt}:{usage_class}:{nonce}".encode()).hexdigest()[:32]
     request: dict[str, Any] = {
         "Type": "instant",
         "ClientToken": token,
@@ -118,10 +123,11 @@ def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
         attempts.append("on-demand")
     errors: Counter[str] = Counter()
     missing = count
+    nonce = uuid.uuid4().hex
     for attempt, lifecycle in enumerate(attempts):
         if missing <= 0:
             break
-        request = fleet_request(pool, run_id, resource_class, missing, lifecycle, attempt)
+        request = fleet_request(pool, run_id, resource_class, missing, lifecycle, attempt, nonce)
         launched, errs = _launch(pool, request, lifecycle)
         res.fleet_calls += 1
         errors.update(errs)
