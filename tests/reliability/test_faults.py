@@ -277,6 +277,21 @@ def test_no_capacity_anywhere_fails_the_provision_cleanly_naming_the_error_and_l
     check(pool, emu)
 
 
+def test_a_run_id_provisioned_again_after_its_release_gets_a_new_instance_when_the_old_one_died(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool()
+    rid = run_id()
+    first = prov(pool, 1, rid)
+    assert first.ok, first.reason
+    emu.kill_agent(first.instance_ids[0])
+    assert release(pool, rid).terminated == first.instance_ids
+    reconcile(pool)                                   # the dead agent's runner (see the registered step)
+    again = prov(pool, 1, rid)                        # a new CreateFleet for the same run id
+    assert again.ok, again.reason
+    assert again.instance_ids != first.instance_ids and again.created == 1
+    check(pool, emu)
+
+
 # ---------------------------------------------------------------- the AWS endpoint restarting mid-provision
 
 def emulator_health(emu: Emu) -> dict[str, Any] | None:
@@ -505,3 +520,4 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
     assert {r.state for r in store.all_records(pool)} <= {State.IDLE, State.TERMINATED}
     wait_for(lambda: online(emu, rid) == [], "no runner online for the dead run", 30)
     check(pool, emu)
+
