@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -110,6 +109,11 @@ def ec2_view(pool: Any, ids: list[str]) -> dict[str, dict[str, str]]:
 
 def gone_from_ec2(pool: Any, iid: str) -> bool:
     return ec2_view(pool, [iid])[iid]["state"] in ("shutting-down", "terminated")
+
+
+def run_instances(pool: Any, rid: str) -> list[str]:
+    """Instances whose row names the run."""
+    return [r.instance_id for r in store.run_records(pool, rid)]
 
 
 def row_state(pool: Any, iid: str) -> str:
@@ -325,10 +329,9 @@ def test_the_aws_endpoint_restarting_mid_provision_is_ridden_out_by_the_control_
     if phase == "creation":
         wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach the emulator")
     else:
-        rows = wait_for(lambda: [r.instance_id for r in store.run_records(pool, rid)] if len(
-            store.run_records(pool, rid)) == 2 else None, "the created rows")
-        wait_for(lambda: all(a is not None and a.signal is Signal.WAITING
-                             for _, a in store.read_set(pool, rows).values()), "both agents to boot")
+        rows = wait_for(lambda: run_instances(pool, rid) if len(run_instances(pool, rid)) == 2 else None,
+                        "the created rows")
+        wait_for(lambda: all(signal_of(pool, iid) is Signal.WAITING for iid in rows), "both agents to boot")
     restart_emulator(emu, down_s=3)
     res = running.result(timeout=240)
     assert res.ok, res.reason
@@ -343,7 +346,7 @@ def kill_while_booting(pool: Any, emu: Emu) -> None:
     """The pre-runner script is still running: validation sees the heartbeat stop and rolls back."""
     rid = run_id()
     running = in_background(prov, pool, 1, rid)
-    iid = wait_for(lambda: next((r.instance_id for r in store.run_records(pool, rid)), None), "the created row")
+    iid = wait_for(lambda: next(iter(run_instances(pool, rid)), None), "the created row")
     wait_for(lambda: signal_of(pool, iid) is Signal.BOOTING, "the agent to signal booting")
     emu.kill_agent(iid)
     res = running.result(timeout=180)
@@ -375,7 +378,7 @@ def kill_while_registering(pool: Any, emu: Emu) -> None:
     registers = github_requests(emu, "POST /_runner/register")
     rid = run_id()
     running = in_background(prov, pool, 1, rid)
-    iid = wait_for(lambda: next((r.instance_id for r in store.run_records(pool, rid)), None), "the created row")
+    iid = wait_for(lambda: next(iter(run_instances(pool, rid)), None), "the created row")
     wait_for(lambda: github_requests(emu, "POST /_runner/register") > registers, "config.sh to reach GitHub")
     emu.kill_agent(iid)
     res = running.result(timeout=180)
@@ -490,11 +493,11 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
     p = Provisioner(pool, rid, 2)
     wait_for(lambda: p.reached(tag), f"the provisioner to reach {tag!r}")
     if phase == "selection":
-        wait_for(lambda: store.run_records(pool, rid), "the claim")
+        wait_for(lambda: run_instances(pool, rid) == warm, "the claim of the idle runner")
     elif phase == "creation":
         wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach EC2")
     elif phase == "validation":
-        wait_for(lambda: len(store.run_records(pool, rid)) == 2, "the created rows")
+        wait_for(lambda: len(run_instances(pool, rid)) == 2, "the created rows")
     p.kill()
     following = PHASES[PHASES.index(tag) + 1:]
     assert not any(p.reached(t) for t in following), p.lines           # it died in that phase
