@@ -84,7 +84,8 @@ def timed(world: World, fn: Callable[[], T]) -> tuple[T, float, dict[str, int], 
         aws.stop_counting(token)
     github = Counter(world.github.state()["requests"])
     github.subtract(before)
-    return out, elapsed, dict(sorted(counter.snapshot().items())), {k: n for k, n in sorted(github.items()) if n}
+    calls = dict(sorted(counter.snapshot().items()))
+    return out, elapsed, calls, {k: n for k, n in sorted(github.items()) if n}
 
 
 def acted_on(p: Any, refreshed: Any, reconciled: Any) -> dict[str, dict[str, int]]:
@@ -100,7 +101,8 @@ def acted_on(p: Any, refreshed: Any, reconciled: Any) -> dict[str, dict[str, int
         runners = [("delete_runner", str(r)) for r in p.runners.get(k.name, {}).values()]
         want = (sum(i in want_exp for i in ids) + sum(x in want_fix for x in keys)
                 + sum(x in want_fix for x in runners))
-        done = sum(i in expired for i in ids) + sum(x in fixed for x in keys) + sum(x in fixed for x in runners)
+        done = (sum(i in expired for i in ids) + sum(x in fixed for x in keys)
+                + sum(x in fixed for x in runners))
         out[k.name] = {"planted": len(ids), "must_act": want, "acted": done}
     return out
 
@@ -111,13 +113,15 @@ def one_round(world: World, rows: int, repeat: int, batch: int, name: str, break
     cfg = pool_config(world, name)
     apply_pool(cfg, github=gh)
     pool = store.load_pool(cfg.name, cfg.region)
-    planted, plant_s, plant_calls, _ = timed(world, lambda: plant(pool, world, rows, batch=batch, clock=clock))
+    planted, plant_s, plant_calls, _ = timed(world, lambda: plant(pool, world, rows, batch=batch,
+                                                                  clock=clock))
     problems: list[str] = []
     print(f"[{name}] planted {planted.rows_total} rows, {planted.instances_total} instances "
           f"({planted.reservations} reservations), "
           f"{sum(len(v) for v in planted.runners.values())} runners in {plant_s:.1f} s", file=sys.stderr)
 
-    ref, ref_s, ref_calls, ref_gh = timed(world, lambda: refresh(cfg, github=gh, clock=clock, run_reconcile=False))
+    ref, ref_s, ref_calls, ref_gh = timed(world, lambda: refresh(cfg, github=gh, clock=clock,
+                                                                 run_reconcile=False))
     problems += check_refresh(planted, ref)
     rec, rec_s, rec_calls, rec_gh = timed(world, lambda: reconcile(pool, github=gh, clock=clock))
     problems += check_reconcile(planted, rec)
@@ -197,7 +201,8 @@ def main() -> int:
         for r in range(args.rounds):
             if r:
                 world.reset()
-            rounds.append(one_round(world, args.rows, args.repeat, args.batch, f"scale{r}", breakdown=(r == 0)))
+            rounds.append(one_round(world, args.rows, args.repeat, args.batch, f"scale{r}",
+                                    breakdown=(r == 0)))
     first = rounds[0]
     load = os.getloadavg()
     result: dict[str, Any] = {
@@ -205,7 +210,8 @@ def main() -> int:
         "rows": args.rows, "repeat": args.repeat, "rounds": args.rounds, "batch": args.batch,
         "acting": {"refresh_s": stats([x["acting"]["refresh_s"] for x in rounds]),
                    "reconcile_s": stats([x["acting"]["reconcile_s"] for x in rounds])},
-        "quiet": {k: stats([s for x in rounds for s in x["quiet_samples_s"][k]]) for k in ("refresh", "reconcile")},
+        "quiet": {k: stats([s for x in rounds for s in x["quiet_samples_s"][k]])
+                  for k in ("refresh", "reconcile")},
         "missed_or_wrong": sum(len(x["problems"]) for x in rounds),
         "rounds_detail": rounds,
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -217,10 +223,12 @@ def main() -> int:
     print(f"\n{first['rows']} rows, {first['instances_launched']} instances in {first['reservations']} "
           f"reservations, {first['runners_planted']} runners; planted in {first['plant_s']} s\n")
     print("| pass | refresh (no reconcile) | reconcile |\n|---|---|---|")
-    print(f"| acting (median / p95 of {a['refresh_s']['n']}) | {a['refresh_s']['median']} / {a['refresh_s']['p95']} s"
-          f" | {a['reconcile_s']['median']} / {a['reconcile_s']['p95']} s |")
-    print(f"| quiet (median / p95 of {q['refresh']['n']}) | {q['refresh']['median']} / {q['refresh']['p95']} s"
-          f" | {q['reconcile']['median']} / {q['reconcile']['p95']} s |")
+    def cell(s: dict[str, float]) -> str:
+        return f"{s['median']} / {s['p95']} s"
+
+    print(f"| acting (median / p95 of {a['refresh_s']['n']}) | {cell(a['refresh_s'])} "
+          f"| {cell(a['reconcile_s'])} |")
+    print(f"| quiet (median / p95 of {q['refresh']['n']}) | {cell(q['refresh'])} | {cell(q['reconcile'])} |")
     print(f"| scheduled refresh incl. reconcile (quiet) | {first['scheduled_refresh_s']} s | |")
     print(f"| AWS calls, acting | {fmt_calls(first['acting']['refresh_calls'])} "
           f"| {fmt_calls(first['acting']['reconcile_calls'])} |")

@@ -45,11 +45,12 @@ FOREIGN_LABEL = "runner-pool-someone-else"
 INSTANCE_TYPE = "c5a.large"
 SEED = 20261201
 # Subnets big enough for 10,000 instances (build_network's are /24: 251 addresses each).
-BIG_SUBNETS = (("10.42.64.0/18", "us-east-1a"), ("10.42.128.0/18", "us-east-1b"), ("10.42.192.0/18", "us-east-1c"))
+BIG_SUBNETS = (("10.42.64.0/18", "us-east-1a"), ("10.42.128.0/18", "us-east-1b"),
+               ("10.42.192.0/18", "us-east-1c"))
 # Long deadlines, so no healthy row expires while a 10,000-row benchmark runs.
 TIMINGS: dict[str, Any] = {
-    "idle_time_s": 4 * 3600, "max_runtime_s": 4 * 3600, "claim_timeout_s": 3600, "deregistration_timeout_s": 3600,
-    "max_lifetime_s": 86400,
+    "idle_time_s": 4 * 3600, "max_runtime_s": 4 * 3600, "claim_timeout_s": 3600,
+    "deregistration_timeout_s": 3600, "max_lifetime_s": 86400,
 }
 # Instances look this much older than they are, so the orphans are past reconcile's grace.
 CLOCK_AHEAD_S = ORPHAN_GRACE_S + 60
@@ -209,8 +210,9 @@ def local_world() -> Iterator[World]:
             yield World(emu, github, net, subnets)
         finally:
             try:
+                # moto's models are this process's memory: give it back
                 urllib.request.urlopen(urllib.request.Request(f"{emu.url}/moto-api/reset", method="POST"),
-                                       timeout=60).read()              # moto's models are this process's memory
+                                       timeout=60).read()
             finally:
                 github.stop()
                 emu.stop()
@@ -228,7 +230,8 @@ def pool_config(world: World, name: str, **overrides: Any) -> PoolConfig:
         "name": name, "region": net["region"],
         "github": {"repository": SCOPE, "url": world.github.url, "api_url": world.github.url},
         "resource_classes": {
-            "small": {"vcpu": {"min": 2, "max": 2}, "memory_mib": {"min": 4096}, "instance_types": ["c*", "m*"]},
+            "small": {"vcpu": {"min": 2, "max": 2}, "memory_mib": {"min": 4096},
+                      "instance_types": ["c*", "m*"]},
             "large": {"vcpu": {"min": 8, "max": 8}, "memory_mib": {"min": 16384}},
         },
         "subnets": world.subnets, "ami": net["ami"], "security_groups": [net["security_group"]],
@@ -248,7 +251,7 @@ class Planted:
     pool: Pool
     now: float
     counts: dict[str, int]
-    ids: dict[str, list[str]]                       # kind -> instance ids (made up for kinds with no instance)
+    ids: dict[str, list[str]]                       # kind -> instance ids (made up when there is none)
     runners: dict[str, dict[str, int]] = field(default_factory=dict)   # kind -> instance id -> runner id
     rows: dict[str, InstanceRecord] = field(default_factory=dict)      # instance id -> row as written
     agents: set[str] = field(default_factory=set)   # instance ids with an agent row
@@ -285,11 +288,12 @@ def _launch(pool: Pool, subnets: list[str], n: int, batch: int) -> tuple[list[st
 
 def _row(pool: Pool, kind: Kind, iid: str, k: int, now: float) -> InstanceRecord:
     cfg = pool.config
-    deadline = {State.IDLE: cfg.idle_time_s, State.RUNNING: cfg.max_runtime_s, State.CLAIMED: cfg.claim_timeout_s,
-                State.CREATED: cfg.claim_timeout_s, State.DRAINING: cfg.deregistration_timeout_s,
-                State.TERMINATED: 0}[kind.state]  # type: ignore[index]
+    deadline = {State.IDLE: cfg.idle_time_s, State.RUNNING: cfg.max_runtime_s,
+                State.CLAIMED: cfg.claim_timeout_s, State.CREATED: cfg.claim_timeout_s,
+                State.DRAINING: cfg.deregistration_timeout_s, State.TERMINATED: 0}[kind.state]  # type: ignore[index]
     threshold = now - 60 if kind.threshold == "past" or kind.state is State.TERMINATED else now + deadline
-    run = f"run-{kind.name}-{k // 10}" if kind.state in (State.RUNNING, State.CLAIMED, State.CREATED) else None
+    in_run = kind.state in (State.RUNNING, State.CLAIMED, State.CREATED)
+    run = f"run-{kind.name}-{k // 10}" if in_run else None
     # a draining row's run was just cleared; idle and terminated ones remember their last run, or had none
     last = None
     if kind.state is State.DRAINING or (kind.state in (State.IDLE, State.TERMINATED) and k % 3):
@@ -304,18 +308,20 @@ def _row(pool: Pool, kind: Kind, iid: str, k: int, now: float) -> InstanceRecord
 
 
 def _agent_item(pool: Pool, rec: InstanceRecord, now: float) -> dict[str, Any]:
-    """The agent row an instance's agent keeps, in its attribute names (see agent.py ``signal``/``heartbeat``)."""
+    """The row an instance's agent keeps, in its attribute names (agent.py ``signal``, ``heartbeat``)."""
     run = rec.run_id or rec.last_run_id
     registered = rec.state in (State.RUNNING, State.DRAINING)
     return wire({
         "pk": agent_pk(rec.arn), "sk": AGENT_SK, "instance_id": rec.instance_id, "heartbeat_at": now - 2.0,
         "signal": "registered" if registered else "waiting", "signal_at": now - 60.0,
-        "signal_run": run if registered else None, "runner_name": f"{rec.instance_id}-1" if registered else None,
+        "signal_run": run if registered else None,
+        "runner_name": f"{rec.instance_id}-1" if registered else None,
         "expires_at": now + 86400.0,
     })
 
 
-def plant(pool: Pool, world: World, rows: int, *, batch: int = 50, clock: AheadClock | None = None) -> Planted:
+def plant(pool: Pool, world: World, rows: int, *, batch: int = 50,
+          clock: AheadClock | None = None) -> Planted:
     """Launch, write and register ``rows`` rows' worth of the :data:`KINDS` mix; returns what went where."""
     now = float(int((clock or AheadClock()).now()))    # whole seconds: rows read back compare equal
     counts = counts_for(rows)
