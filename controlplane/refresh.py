@@ -132,8 +132,9 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
         for r in store.records_in_state(pool, state, threshold_before=now):
             doomed.append((r.instance_id, state, r.run_id))
             out.setdefault(state.value, []).append(r.instance_id)
-    for r in store.records_in_state(pool, State.IDLE):
-        if now - r.launched_at >= pool.config.max_lifetime_s and (r.instance_id, State.IDLE, None) not in doomed:
+    lifetime_cut = now - pool.config.max_lifetime_s
+    for r in store.records_in_state(pool, State.IDLE, launched_before=lifetime_cut):
+        if r.launched_at <= lifetime_cut and (r.instance_id, State.IDLE, None) not in doomed:
             doomed.append((r.instance_id, State.IDLE, None))
             out.setdefault("lifetime", []).append(r.instance_id)
     if not doomed:

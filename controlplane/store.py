@@ -285,15 +285,28 @@ def run_records(pool: Pool, run_id: str) -> list[InstanceRecord]:
     return [InstanceRecord.from_item(i) for i in items if i.get("sk", {}).get("S") == STATE_SK]
 
 
-def records_in_state(pool: Pool, state: State, threshold_before: float | None = None) -> list[InstanceRecord]:
-    """Rows in ``state`` (index ``by_state``), optionally only those whose threshold has passed."""
+def records_in_state(pool: Pool, state: State, threshold_before: float | None = None,
+                     launched_before: float | None = None) -> list[InstanceRecord]:
+    """Rows in ``state`` (index ``by_state``), optionally only those whose threshold has passed,
+    or only those launched at or before ``launched_before``.
+
+    The launch time is not in the index's key, so that condition is a FilterExpression: DynamoDB
+    still reads every row of the state, but returns only the old ones (refresh's lifetime check
+    would otherwise pull every idle row of the pool, 6,500 of 10,000, on each run).
+    """
     key = "#s = :s"
+    names = {"#s": "state"}
     values: dict[str, Any] = {":s": {"S": state.value}}
+    extra: dict[str, Any] = {}
     if threshold_before is not None:
         key += " AND threshold < :t"
         values[":t"] = num(threshold_before)
+    if launched_before is not None:
+        names["#l"] = "launched_at"
+        values[":l"] = num(launched_before)
+        extra["FilterExpression"] = "#l <= :l"
     items = _paginate(pool, "query", IndexName="by_state", KeyConditionExpression=key,
-                      ExpressionAttributeNames={"#s": "state"}, ExpressionAttributeValues=values)
+                      ExpressionAttributeNames=names, ExpressionAttributeValues=values, **extra)
     return [InstanceRecord.from_item(i) for i in items]
 
 
