@@ -32,6 +32,7 @@ from controlplane.logs import QUIET, Progress, event
 from controlplane.provision import finalize
 from controlplane.reconcile import ReconcileResult, reconcile
 from controlplane.records import State
+from controlplane.state import When
 from controlplane.store import Pool
 
 EXPIRING_STATES = (State.IDLE, State.CLAIMED, State.CREATED, State.DRAINING, State.RUNNING)
@@ -127,35 +128,41 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
     """Two-phase termination of rows past their threshold (and idle ones past their lifetime)."""
     now = clock.now()
     out: dict[str, list[str]] = {}
-    doomed: list[tuple[str, State, str | None]] = []
+    doomed: list[tuple[str, State, str | None, When]] = []    # (instance, state, run, condition on threshold)
+    seen: set[tuple[str, State]] = set()
     for state in EXPIRING_STATES:
         for r in store.records_in_state(pool, state, threshold_before=now):
-            doomed.append((r.instance_id, state, r.run_id))
+            doomed.append((r.instance_id, state, r.run_id, "expired"))
+            seen.add((r.instance_id, state))
             out.setdefault(state.value, []).append(r.instance_id)
     lifetime_cut = now - pool.config.max_lifetime_s
     for r in store.records_in_state(pool, State.IDLE, launched_before=lifetime_cut):
-        if r.launched_at <= lifetime_cut and (r.instance_id, State.IDLE, None) not in doomed:
-            doomed.append((r.instance_id, State.IDLE, None))
+        if r.launched_at <= lifetime_cut and (r.instance_id, State.IDLE) not in seen:
+            doomed.append((r.instance_id, State.IDLE, None, "any"))
             out.setdefault("lifetime", []).append(r.instance_id)
     if not doomed:
         return out
-    marked = []
-    for iid, state, run in doomed:          # phase 1: mark, only if still expired (a claim may have won)
-        when = "expired" if state is not State.IDLE or iid not in out.get("lifetime", []) else "any"
-        t = _mark(pool, iid, state, run, now, when)
-        if t:
-            marked.append(iid)
+    marked = _mark_all(pool, doomed, now)       # phase 1: mark, only if still expired (a claim may have won)
     finalize_out = finalize.terminate(pool, [(i, State.TERMINATED, None) for i in marked], clock)  # phase 2
     event("refresh.expired", pool=pool.name, marked=marked, terminated=finalize_out.terminated)
-    return {k: [i for i in v if i in marked] for k, v in out.items()}
+    won = set(marked)
+    return {k: [i for i in v if i in won] for k, v in out.items()}
 
 
-def _mark(pool: Pool, iid: str, state: State, run: str | None, now: float, when: str) -> bool:
+def _mark_all(pool: Pool, doomed: list[tuple[str, State, str | None, When]], now: float) -> list[str]:
+    """Mark rows ``terminated``, each one conditional write, in parallel; the ids whose mark won, in order.
+
+    One at a time, 700 expired rows of a 10,000-row pool were 700 sequential round trips.
+    """
     from controlplane.state import transition
 
-    t = transition(pool.table, pool.region, pool.arn(iid), from_=state, to=State.TERMINATED, run_id=run,
-                   threshold=now, now=now, when=when, new_run_id=None)  # type: ignore[arg-type]
-    return t.won
+    def mark(d: tuple[str, State, str | None, When]) -> bool:
+        iid, state, run, when = d
+        t = transition(pool.table, pool.region, pool.arn(iid), from_=state, to=State.TERMINATED, run_id=run,
+                       threshold=now, now=now, when=when, new_run_id=None)
+        return t.won
+
+    return [d[0] for d, won in zip(doomed, aws.parallel(mark, doomed)) if won]
 
 
 def _remove_class(pool: Pool, cls: str, url: str, clock: Clock) -> list[str]:
@@ -163,7 +170,7 @@ def _remove_class(pool: Pool, cls: str, url: str, clock: Clock) -> list[str]:
     pool_q.drain(pool.region, url)
     now = clock.now()
     idle = [r for r in store.records_in_state(pool, State.IDLE) if r.resource_class == cls]
-    marked = [r.instance_id for r in idle if _mark(pool, r.instance_id, State.IDLE, None, now, "any")]
+    marked = _mark_all(pool, [(r.instance_id, State.IDLE, None, "any") for r in idle], now)
     out = finalize.terminate(pool, [(i, State.TERMINATED, None) for i in marked], clock)
     pool_q.delete_queue(pool.region, url)
     dlq = pool_q.dlq_url(pool.config, cls)
