@@ -140,9 +140,9 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
     try:
         t = time.monotonic()
         progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
-        sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock)
+        sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
+                               claimed_sink=touched)
         claimed, unhealthy = sel.claimed, sel.unhealthy
-        touched += [m.instance_id for m in claimed + unhealthy]
         t = lap("selection", t)
         missing = req.count - len(claimed)
         progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")

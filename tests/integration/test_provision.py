@@ -230,3 +230,21 @@ def test_bad_input_changes_nothing_in_aws(make_pool: Any, emu: Emu) -> None:
             provision(pool, bad)
         assert getattr(err.value, "exit_code", None) == 2
     assert emu.requests()["mutations"] == before
+
+
+def test_an_error_after_claims_won_terminates_what_selection_claimed(make_pool: Any, emu: Emu) -> None:
+    # Selection claims, then deletes the messages; an AWS error there must not strand the claimed rows
+    # (the run id would stay blocked and the instances burn until their claim timeout).
+    pool = make_pool()
+    warm = prov(pool, 2)
+    assert warm.ok, warm.reason
+    release(pool, warm.run_id)
+    emu.fault(op="DeleteMessageBatch", code="AccessDenied", status=400, count=1)
+    rid = run_id()
+    with pytest.raises(aws.AwsError) as err:
+        prov(pool, 2, rid=rid)
+    assert "emergency cleanup terminated 2 instance(s)" in err.value.message
+    assert set(states(pool, warm.instance_ids).values()) == {"terminated"}
+    assert set(ec2_states(pool, warm.instance_ids).values()) <= {"terminated", "shutting-down"}
+    assert store.run_records(pool, rid) == []                        # the run id is free again
+    assert_invariants(pool)
