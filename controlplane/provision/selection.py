@@ -4,10 +4,11 @@ Input: the pool, the run, how many runners are wanted. Output: the instances
 this run now holds in ``claimed`` (healthy at claim time), the unhealthy ones
 it claimed and must terminate, and counts of what it saw.
 
-How: receive as many messages as runners are still wanted, in parallel
-calls of up to 10 each (SQS's maximum per call; the first round long-polls
-briefly, later ones don't wait), so a run of 50 costs one round trip, not
-five; claim every candidate in parallel with the
+How: receive up to 10 messages (SQS's maximum per call; the first receive
+long-polls briefly, later ones don't wait); when that batch comes back full
+and more are wanted, receive the rest at once in parallel calls, so a warm
+run of 50 costs two round trips, not five, and a cold pool still costs one
+receive; claim every candidate in parallel with the
 conditional idle->claimed write; delete each message once its claim is
 decided (won, or lost because the row moved on: a stale message); give back
 at once the valid messages this run did not need. Claimed instances are
@@ -42,7 +43,9 @@ class SelectionResult:
 
 
 def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
-           clock: Clock = SYSTEM_CLOCK) -> SelectionResult:
+           clock: Clock = SYSTEM_CLOCK, claimed_sink: list[str] | None = None) -> SelectionResult:
+    """Claim up to ``count`` runners; ``claimed_sink`` receives each id the moment its claim wins,
+    so the caller's emergency path knows every row this run holds even if selection raises."""
     res = SelectionResult()
     if count <= 0:
         return res
@@ -52,11 +55,13 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     first = True
     while len(res.claimed) < count and not deadline.expired:
         want = count - len(res.claimed)
-        wait_s = pool_q.LONG_POLL_S if first else 0
-        sizes = [min(pool_q.BATCH_MAX, want - i) for i in range(0, want, pool_q.BATCH_MAX)]
-        msgs = [m for batch in aws.parallel(lambda k, w=wait_s: pool_q.receive(cfg.region, url, k, w), sizes)
-                for m in batch]
+        msgs = pool_q.receive(cfg.region, url, min(pool_q.BATCH_MAX, want), pool_q.LONG_POLL_S if first else 0)
         first = False
+        rest = want - len(msgs)
+        if msgs and len(msgs) == pool_q.BATCH_MAX and rest > 0:     # a full batch: the pool may hold the rest
+            sizes = [min(pool_q.BATCH_MAX, rest - i) for i in range(0, rest, pool_q.BATCH_MAX)]
+            msgs += [m for batch in aws.parallel(lambda k: pool_q.receive(cfg.region, url, k, 0), sizes)
+                     for m in batch]
         if not msgs:
             break
         res.received += len(msgs)
@@ -74,7 +79,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
                 candidates.append(m)
         keep = candidates[:want]
         back.extend(candidates[want:])
-        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock)), keep)
+        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, claimed_sink)), keep)
         won: list[Member] = []
         for _, member in outcomes:
             if member is None:
@@ -98,7 +103,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     return res
 
 
-def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock) -> Member | None:
+def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, sink: list[str] | None) -> Member | None:
     now = clock.now()
     t = transition(pool.table, pool.region, pool.arn(m.instance_id), from_=State.IDLE, to=State.CLAIMED,
                    run_id=None, new_run_id=run_id, threshold=now + pool.config.claim_timeout_s, now=now)
@@ -106,6 +111,8 @@ def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock) -> Member | No
         event("claim.lost", run_id=run_id, instance_id=m.instance_id, reason=t.reason)
         return None
     r = t.record
+    if sink is not None:
+        sink.append(r.instance_id)                  # list.append is atomic: claims run in threads
     return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
 
 
