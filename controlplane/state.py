@@ -129,8 +129,21 @@ def transition(
             raise aws.wrap(exc, f"dynamodb:UpdateItem {from_}->{to} on {arn}") from exc
         old = exc.response.get("Item")
         current = InstanceRecord.from_item(old) if old else None
+        if current is not None and _landed_already(current, to, run_id, new_run_id, now):
+            return Transition(True, current)
         return Transition(False, current, _why_lost(current, from_, run_id, now, when))
     return Transition(True, InstanceRecord.from_item(resp["Attributes"]))
+
+
+def _landed_already(current: InstanceRecord, to: State, run_id: str | None, new_run_id: str | None | Keep,
+                    now: float) -> bool:
+    """Whether the row already holds exactly this write: botocore resent it after a dropped
+    connection or a read timeout, the first attempt had landed, and the resend's condition failed
+    on our own result. ``updated_at`` is this call's ``now`` (to the millisecond, as written), so a
+    write by anyone else, even to the same state, does not match."""
+    expected_run = run_id if isinstance(new_run_id, Keep) else new_run_id
+    return (current.state is to and current.run_id == expected_run
+            and abs(current.updated_at - round(float(now), 3)) < 1e-6)
 
 
 def _why_lost(current: InstanceRecord | None, from_: State, run_id: str | None, now: float, when: When) -> str:

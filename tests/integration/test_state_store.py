@@ -153,3 +153,20 @@ def test_queries_page_through_more_than_a_megabyte_of_rows(pool: Pool) -> None:
     assert len(store.all_records(pool)) == n
     assert len(store.records_in_state(pool, State.IDLE, threshold_before=time.time())) == n
     assert len(store.run_records(pool, "big-run")) == n // 2
+
+
+def test_a_resent_write_that_had_already_landed_counts_as_won_not_as_a_lost_race(pool: Pool) -> None:
+    # botocore resends a request whose connection dropped; if the first attempt landed, the resend's
+    # condition fails on our own result. Same call (same ``now``): won. Anyone else's call: lost.
+    r = row(pool, State.IDLE)
+    now = time.time()
+    claim = dict(from_=State.IDLE, to=State.CLAIMED, run_id=None, new_run_id="run-a", threshold=now + 60)
+    first = transition(pool.table, pool.region, r.arn, now=now, **claim)
+    resent = transition(pool.table, pool.region, r.arn, now=now, **claim)
+    assert first.won and resent.won
+    assert resent.record is not None and resent.record.run_id == "run-a" and resent.record.version == 2
+    rival = transition(pool.table, pool.region, r.arn, now=now, **{**claim, "new_run_id": "run-b"})
+    later = transition(pool.table, pool.region, r.arn, now=now + 1, **claim)
+    assert rival.lost and later.lost
+    got = store.get_record(pool, r.instance_id)
+    assert got is not None and got.run_id == "run-a" and got.version == 2
