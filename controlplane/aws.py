@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextvars
 import os
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -117,11 +118,25 @@ def _retry_unreachable(attempts: int, caught_exception: BaseException | None = N
     """``needs-retry`` handler: a delay while the endpoint refuses connections, else None (botocore decides)."""
     if not isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError)) or request_dict is None:
         return None
+    if _name_not_resolved(caught_exception):
+        return None                          # a wrong host or region: waiting will not fix it
     context = request_dict.setdefault("context", {})
     since = context.setdefault("runner_pool_unreachable_since", time.monotonic())
     if time.monotonic() - since > UNREACHABLE_RETRY_S:
         return None
     return float(random.uniform(0.5, 1.0) * min(UNREACHABLE_BACKOFF_MAX_S, 0.1 * 2 ** attempts))
+
+
+def _name_not_resolved(exc: BaseException) -> bool:
+    """Whether a connection error is DNS failing (``socket.gaierror`` somewhere in its chain)."""
+    seen: list[BaseException] = []
+    err: BaseException | None = getattr(exc, "kwargs", {}).get("error") or exc
+    while err is not None and err not in seen:
+        if isinstance(err, socket.gaierror) or type(err).__name__ == "NameResolutionError":
+            return True
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _config(region: str, attempts: int) -> Config:
