@@ -120,6 +120,10 @@ def plan(snap: Snapshot) -> list[Action]:
 
 
 def snapshot(pool: Pool, github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK) -> Snapshot:
+    # The orphan grace is judged at the moment the table is read: an instance launched just before
+    # may get its row only after that, and the reads of a large pool (pages of rows, instances and
+    # runners) can outlast the grace. Taken after the last page, a fresh instance looked orphaned.
+    now = clock.now()
     records = store.all_records(pool)
     ec2 = aws.client("ec2", pool.region)
     instances = []
@@ -130,7 +134,7 @@ def snapshot(pool: Pool, github: GitHubClient | None, clock: Clock = SYSTEM_CLOC
             for i in r["Instances"]:
                 instances.append(Ec2Instance(i["InstanceId"], i["State"]["Name"], i["LaunchTime"].timestamp()))
     runners = github.list_runners() if github is not None else None
-    return Snapshot(records, instances, runners, clock.now(), pool.config.pool_label)
+    return Snapshot(records, instances, runners, now, pool.config.pool_label)
 
 
 def apply(pool: Pool, actions: list[Action], github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK
