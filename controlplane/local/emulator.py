@@ -20,23 +20,32 @@ probes behind each fix):
    endpoints: AWS-shaped error responses (throttling, 5xx) per operation by
    count or probability, latency per operation, and EC2 capacity shortfalls.
 
-It also counts requests per ``service.Operation`` (``GET
-/_emulator/requests``), which tests use to prove that bad input changed
-nothing in AWS.
+It also counts requests per ``service.Operation``, in all and per access key
+(``GET /_emulator/requests``), which tests use to prove that bad input changed
+nothing in AWS. moto accepts any access key and serves an unknown one from
+the default account, so a process with its own ``AWS_ACCESS_KEY_ID`` sees the
+same resources while its requests are counted apart from everyone else's
+(the simulated agents sign with ``testing``, as the control plane does by
+default).
 
 Control endpoints (JSON bodies):
 
-* ``POST /_emulator/faults`` ``{"op", "service"?, "contains"?, "code", "status"?,
-  "message"?, "count"? | "prob"?}``: answer matching requests with an
-  AWS-shaped error. ``op`` is the operation name or ``"*"``; ``service`` is
-  the signing name from the SigV4 credential scope (``dynamodb``, ``sqs``,
-  ``ec2``, ``ssm``, ``sts``...), so ``{"op": "*", "service": "sqs"}`` hits
-  every SQS call; ``contains`` only requests whose body holds that text.
-  ``GET`` lists the rules with the ``hits`` each served; ``DELETE`` clears
-  faults, latency and capacity rules.
-* ``POST /_emulator/latency`` ``{"op", "seconds", "service"?, "contains"?}``:
-  sleep before serving matching requests (outside the backend lock, so other
-  requests go on; the newest matching rule wins).
+* ``POST /_emulator/faults`` ``{"op", "service"?, "access_key"?, "contains"?, "code",
+  "status"?, "message"?, "count"? | "prob"? "seed"?}``: answer matching requests
+  with an AWS-shaped error. ``op`` is the operation name or ``"*"``;
+  ``service`` is the signing name from the SigV4 credential scope
+  (``dynamodb``, ``sqs``, ``ec2``, ``ssm``, ``sts``...), so ``{"op": "*",
+  "service": "sqs"}`` hits every SQS call; ``access_key`` only requests signed
+  with that key; ``contains`` only requests whose body holds that text.
+  ``prob`` draws from the rule's own random generator, seeded with ``seed``
+  when one is given (the same requests in the same order meet the same
+  faults). ``GET`` lists the rules with the ``hits`` each served; ``DELETE``
+  clears faults, latency and capacity rules.
+* ``POST /_emulator/latency`` ``{"op", "seconds", "service"?, "access_key"?,
+  "contains"?}``: sleep before serving matching requests (outside the backend
+  lock, so other requests go on; the newest matching rule wins). Each rule
+  counts in ``hits`` the requests it has started to delay (listed by ``GET
+  /_emulator/faults``), so a test can wait until a request is in flight.
 * ``POST /_emulator/capacity`` ``{"instance_types"?, "subnets"?, "lifecycle"?,
   "available", "count"?}``: what CreateFleet can launch per type/subnet/lifecycle.
 * ``POST /_emulator/restart`` ``{"down_s": 3}``: answer 202, then restart the
@@ -47,7 +56,10 @@ Control endpoints (JSON bodies):
   port. A restart while one is under way answers 409. ``GET /_emulator/health``
   reports ``restarts`` (completed so far). Moto losing its state is not an AWS
   failure mode, so there is no restart that forgets.
-* ``GET``/``DELETE /_emulator/requests``: request counts by ``service.Operation``.
+* ``GET``/``DELETE /_emulator/requests``: request counts by ``service.Operation``
+  (``{"counts", "total", "mutations"}``); ``GET
+  /_emulator/requests?access_key=KEY`` counts only the requests signed with
+  ``KEY``.
 
 CreateFleet honours ``ClientToken`` as EC2 does: a second call with a token
 already used returns the first call's fleet and instances instead of launching
@@ -76,19 +88,22 @@ MUTATING_PREFIXES = (
     "Create", "Put", "Update", "Delete", "Terminate", "Run", "Send", "Modify", "BatchWrite", "TransactWrite",
     "Change", "Purge", "Set", "Tag", "Untag", "Attach", "Add", "Remove", "Associate", "Request", "Stop", "Start",
 )
-_CRED_SCOPE = re.compile(r"Credential=[^/]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+# SigV4: Authorization: AWS4-HMAC-SHA256 Credential=<access key>/<date>/<region>/<service>/aws4_request, ...
+_CRED_SCOPE = re.compile(r"Credential=([^/]+)/\d{8}/[^/]+/([^/]+)/aws4_request")
 MAX_DOWN_S = 60.0                 # a restart refuses connections at most this long
 REBIND_TIMEOUT_S = 10.0           # the port may linger a moment after close
 
 
 class Faults:
-    """Error rules ``{"op", "service"?, "contains"?, "status", "code", "message"?, "count"? | "prob"?}``,
-    latency rules ``{"op", "seconds", "service"?, "contains"?}`` and capacity rules.
+    """Error rules ``{"op", "service"?, "access_key"?, "contains"?, "status", "code", "message"?,
+    "count"? | "prob"? "seed"?}``, latency rules ``{"op", "seconds", "service"?, "access_key"?,
+    "contains"?}`` and capacity rules.
 
     ``contains`` narrows a rule to requests whose body holds that text (for
     example ``"running"``: only the transitions to ``running``, not the
-    agents' heartbeats, which share the operation). Each error rule counts
-    the requests it answered in ``hits``.
+    agents' heartbeats, which share the operation); ``access_key`` to one
+    client's requests. Each error rule counts the requests it answered in
+    ``hits``, each latency rule the requests it delayed.
     """
 
     def __init__(self) -> None:
@@ -103,62 +118,85 @@ class Faults:
             self.latency.clear()
             self.capacity.clear()
 
+    def add_rule(self, rule: dict[str, Any]) -> int:
+        """Add an error rule; a ``seed`` gives it its own random generator. Returns how many there are."""
+        seed = rule.get("seed")
+        if seed is not None and not isinstance(seed, (int, str)):
+            raise ValueError("seed must be an integer or a string")
+        rng = {"_rng": random.Random(seed)} if seed is not None else {}
+        with self.lock:
+            self.rules.append({**rule, "hits": 0, **rng})
+            return len(self.rules)
+
+    def add_latency(self, rule: dict[str, Any]) -> int:
+        with self.lock:
+            self.latency.append({**rule, "hits": 0})
+            return len(self.latency)
+
     @staticmethod
-    def _applies(r: dict[str, Any], service: str, op: str, body: bytes) -> bool:
+    def _applies(r: dict[str, Any], service: str, op: str, body: bytes, access_key: str) -> bool:
         if r.get("op") not in (op, "*") or r.get("service", service) != service:
+            return False
+        if r.get("access_key", access_key) != access_key:
             return False
         return not r.get("contains") or str(r["contains"]).encode() in body
 
-    def match(self, service: str, op: str, body: bytes = b"") -> dict[str, Any] | None:
+    def match(self, service: str, op: str, body: bytes = b"", access_key: str = "") -> dict[str, Any] | None:
         with self.lock:
             for r in self.rules:
-                if not self._applies(r, service, op, body):
+                if not self._applies(r, service, op, body, access_key):
                     continue
                 if "count" in r and r["count"] is not None:
                     if r["count"] <= 0:
                         continue
                     r["count"] -= 1
-                elif random.random() >= float(r.get("prob", 1.0)):
+                elif r.get("_rng", random).random() >= float(r.get("prob", 1.0)):
                     continue
                 r["hits"] = r.get("hits", 0) + 1
                 return dict(r)
         return None
 
-    def delay_for(self, service: str, op: str, body: bytes = b"") -> float:
-        """Seconds to sleep before serving: the newest latency rule that applies."""
+    def delay_for(self, service: str, op: str, body: bytes = b"", access_key: str = "") -> float:
+        """Seconds to sleep before serving: the newest latency rule that applies (counted in its hits)."""
         with self.lock:
             for r in reversed(self.latency):
-                if self._applies(r, service, op, body):
+                if self._applies(r, service, op, body, access_key):
+                    r["hits"] = r.get("hits", 0) + 1
                     return float(r.get("seconds", 0))
         return 0.0
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return {"rules": [dict(r) for r in self.rules], "latency": [dict(r) for r in self.latency],
-                    "capacity": [dict(r) for r in self.capacity]}
+            return {"rules": [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rules],
+                    "latency": [dict(r) for r in self.latency], "capacity": [dict(r) for r in self.capacity]}
 
 
 FAULTS = Faults()
 
 
 class Requests:
+    """Requests by ``service.Operation``: in all, and per access key."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.by_key: dict[str, Counter[str]] = {}
 
-    def add(self, key: str) -> None:
+    def add(self, key: str, access_key: str = "") -> None:
         with self.lock:
             self.counts[key] += 1
+            self.by_key.setdefault(access_key, Counter())[key] += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, access_key: str | None = None) -> dict[str, Any]:
         with self.lock:
-            counts = dict(self.counts)
+            counts = dict(self.counts if access_key is None else self.by_key.get(access_key, Counter()))
         mutations = sum(n for k, n in counts.items() if k.split(".", 1)[-1].startswith(MUTATING_PREFIXES))
         return {"counts": counts, "total": sum(counts.values()), "mutations": mutations}
 
     def reset(self) -> None:
         with self.lock:
             self.counts.clear()
+            self.by_key.clear()
 
 
 REQUESTS = Requests()
@@ -201,13 +239,13 @@ class Middleware:
             if not op:
                 op = (parse_qs(environ.get("QUERY_STRING", "")).get("Action") or [""])[0]
         m = _CRED_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
-        service = m.group(1) if m else ""
+        access_key, service = (m.group(1), m.group(2)) if m else ("", "")
         if op:
-            REQUESTS.add(f"{service}.{op}")
-            delay = FAULTS.delay_for(service, op, body)
+            REQUESTS.add(f"{service}.{op}", access_key)
+            delay = FAULTS.delay_for(service, op, body, access_key)
             if delay:
                 time.sleep(delay)
-            rule = FAULTS.match(service, op, body)
+            rule = FAULTS.match(service, op, body, access_key)
             if rule:
                 return self._fault(start_response, rule, json_protocol=bool(target))
         if op == "ReceiveMessage":           # never hold the lock across an SQS long poll
@@ -240,9 +278,11 @@ class Middleware:
         if path == "/_emulator/faults" and method == "POST":
             if "op" not in data or "code" not in data:
                 return _json_response(start_response, "400 Bad Request", {"error": "need op and code"})
-            with FAULTS.lock:
-                FAULTS.rules.append(data)
-            return _json_response(start_response, "200 OK", {"rules": len(FAULTS.rules)})
+            try:
+                count = FAULTS.add_rule(data)
+            except ValueError as exc:
+                return _json_response(start_response, "400 Bad Request", {"error": str(exc)})
+            return _json_response(start_response, "200 OK", {"rules": count})
         if path == "/_emulator/faults" and method == "DELETE":
             FAULTS.clear()
             return _json_response(start_response, "200 OK", {"cleared": True})
@@ -253,16 +293,14 @@ class Middleware:
                 rule = {**data, "op": data.get("op", "*"), "seconds": float(data.get("seconds", 0))}
             except (TypeError, ValueError):
                 return _json_response(start_response, "400 Bad Request", {"error": "seconds must be a number"})
-            with FAULTS.lock:
-                FAULTS.latency.append(rule)
-                count = len(FAULTS.latency)
-            return _json_response(start_response, "200 OK", {"latency_rules": count})
+            return _json_response(start_response, "200 OK", {"latency_rules": FAULTS.add_latency(rule)})
         if path == "/_emulator/capacity" and method == "POST":
             with FAULTS.lock:
                 FAULTS.capacity.append(data)
             return _json_response(start_response, "200 OK", {"capacity_rules": len(FAULTS.capacity)})
         if path == "/_emulator/requests" and method == "GET":
-            return _json_response(start_response, "200 OK", REQUESTS.snapshot())
+            key = (parse_qs(environ.get("QUERY_STRING", "")).get("access_key") or [None])[0]
+            return _json_response(start_response, "200 OK", REQUESTS.snapshot(key))
         if path == "/_emulator/requests" and method == "DELETE":
             REQUESTS.reset()
             return _json_response(start_response, "200 OK", {"reset": True})
@@ -270,7 +308,7 @@ class Middleware:
         if hook is not None:
             try:
                 status, payload = hook(data)
-            except Exception as exc:  # a control call must answer, whatever went wrong
+            except Exception as exc:  # noqa: BLE001 - a control call must answer, whatever went wrong
                 status, payload = 500, {"error": f"{type(exc).__name__}: {exc}"}
             return _json_response(start_response, f"{status} X", payload)
         if path == "/_emulator/restart" and method == "POST":
