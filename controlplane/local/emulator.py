@@ -15,7 +15,7 @@ probes behind each fix):
    override's requirements to the smallest current-generation type moto knows
    that fits, honours capacity faults per type/subnet/lifecycle, spreads the
    capacity over overrides in priority order and returns per-override
-   ``Errors`` as EC2 does.
+   ``Errors`` as EC2 does (also for an override that ran out part-way).
 3. **Fault injection**, switchable at run time through ``/_emulator/*``
    endpoints: AWS-shaped error responses (throttling, 5xx) per operation by
    count or probability, latency per operation, and EC2 capacity shortfalls.
@@ -388,6 +388,13 @@ def _consume_capacity_rules() -> None:
                 rule["count"] -= 1
 
 
+def _fleet_error(spec: dict[str, Any], overrides: dict[str, Any], lifecycle: str, code: str,
+                 message: str) -> dict[str, Any]:
+    """One entry of CreateFleet's ``Errors``: the override that could not launch (all or some of) its share."""
+    return {"LaunchTemplateAndOverrides": {"LaunchTemplateSpecification": spec, "Overrides": overrides},
+            "Lifecycle": lifecycle, "ErrorCode": code, "ErrorMessage": message}
+
+
 _tls = threading.local()
 _FLEET_TOKENS: dict[tuple[str, str, str], Any] = {}     # (account, region, ClientToken) -> first result
 
@@ -426,21 +433,25 @@ def install_fleet_shim() -> None:
                         break
                     why = "InsufficientInstanceCapacity"
                 o["InstanceType"] = chosen or (candidates[0] if candidates else "m5.large")
+                spec = cfg.get("LaunchTemplateSpecification", {})
                 if need > 0:
                     if chosen is None:
-                        errors.append({
-                            "LaunchTemplateAndOverrides": {
-                                "LaunchTemplateSpecification": cfg.get("LaunchTemplateSpecification", {}),
-                                "Overrides": {k: v for k, v in o.items() if k != "InstanceType"} if req else o},
-                            "Lifecycle": lifecycle, "ErrorCode": why,
-                            "ErrorMessage": ("There is no capacity for the requested instance requirements in this "
-                                             "subnet (emulator fault)." if why == "InsufficientInstanceCapacity"
-                                             else "No instance type matches the instance requirements."),
-                        })
+                        errors.append(_fleet_error(
+                            spec, {k: v for k, v in o.items() if k != "InstanceType"} if req else o, lifecycle, why,
+                            "There is no capacity for the requested instance requirements in this subnet "
+                            "(emulator fault)." if why == "InsufficientInstanceCapacity"
+                            else "No instance type matches the instance requirements."))
                     else:
                         take = int(min(need, cap))
                         plan.append((index, take))
                         need -= take
+                        if need > 0:
+                            # The pool ran out part-way: EC2 lists the instances it could not launch there
+                            # as an error of that override, and goes on to the next one.
+                            errors.append(_fleet_error(
+                                spec, dict(o), lifecycle, "InsufficientInstanceCapacity",
+                                f"There is not enough {chosen} capacity in this subnet for {need} more "
+                                "instance(s) (emulator fault)."))
                 index += 1
             cfg["Overrides"] = overrides
         _consume_capacity_rules()
