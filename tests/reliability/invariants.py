@@ -29,12 +29,22 @@ SETTLE_S = 30.0
 POLL_S = 0.25
 
 
+def labels_of(runner: dict[str, Any]) -> list[str]:
+    """The label names of a runner as the GitHub stand-in lists it."""
+    return [lb["name"] for lb in runner["labels"]]
+
+
+def online(emu: Any, label: str) -> list[dict[str, Any]]:
+    """The runners GitHub shows online with ``label`` (a run's label is its run id): what a job can run on."""
+    return [r for r in emu.runners() if r["status"] == "online" and label in labels_of(r)]
+
+
 def _github_problems(pool: Any, emu: Any, live: dict[str, Any]) -> list[str]:
     label = pool.config.pool_label
     problems = []
     by_instance: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in emu.runners():
-        names = [lb["name"] for lb in r["labels"]]
+        names = labels_of(r)
         if label not in names:
             continue
         iid = r["name"].rsplit("-", 1)[0]
