@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -40,13 +39,14 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.reconcile import ORPHAN_GRACE_S, reconcile
 from controlplane.records import Signal, State
 from controlplane.release import ReleaseResult, release
-from tests.conftest import ROOT, Emu, run_cli
-from tests.reliability.invariants import check
+from tests.conftest import RELIABLE, ROOT, Emu, run_cli, wait_for
+from tests.reliability.invariants import check, online
 
 T = TypeVar("T")
 
-WAIT_S = 90.0                 # deadline of every wait for a condition (CI is slow, not stuck)
-POLL_S = 0.2
+# The control plane's own AWS access key where a test must tell its requests from the agents' (the
+# simulator signs every agent's requests with "testing"); moto serves any key from the same account.
+CONTROL_PLANE_KEY = "AKIDRELIABILITYCP001"
 
 
 # ---------------------------------------------------------------- helpers
@@ -59,43 +59,11 @@ def prov(pool: Any, n: int, rid: str | None = None) -> ProvisionResult:
     return provision(pool, ProvisionRequest(rid or run_id(), "small", n))
 
 
-def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
-    """``probe()`` once it is truthy; fails the test naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
-
-
 def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
     pool = ThreadPoolExecutor(1)
     future = pool.submit(fn, *args)
     pool.shutdown(wait=False)
     return future
-
-
-def control(url: str, method: str = "GET", body: Any = None, timeout_s: float = 10) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
-
-
-def github_fault(emu: Emu, **rule: Any) -> None:
-    control(f"{emu.github}/_control/faults", "POST", rule)
-
-
-def github_requests(emu: Emu, key: str) -> int:
-    return int(emu.github_state()["requests"].get(key, 0))
-
-
-def aws_requests(emu: Emu, key: str) -> int:
-    return int(emu.requests()["counts"].get(key, 0))
 
 
 def ec2_view(pool: Any, ids: list[str]) -> dict[str, dict[str, str]]:
@@ -134,10 +102,6 @@ def runners_of(emu: Emu, iid: str) -> list[dict[str, Any]]:
     return [r for r in emu.runners() if r["name"].startswith(f"{iid}-")]
 
 
-def online(emu: Emu, label: str) -> list[dict[str, Any]]:
-    return [r for r in emu.runners() if label in [lb["name"] for lb in r["labels"]] and r["status"] == "online"]
-
-
 def heartbeat_stale(pool: Any, iid: str) -> bool:
     agent = agent_of(pool, iid)
     return agent is not None and not agent.is_healthy(time.time(), pool.config.heartbeat_stale_s)
@@ -158,47 +122,54 @@ AFTER_ORPHAN_GRACE = Later(ORPHAN_GRACE_S + 1)
 
 # ---------------------------------------------------------------- throttling on each AWS service
 
-# The throttling code each service really sends (botocore retries every one of them), and where the
-# product calls it (agents included: only they read SSM while provisioning and releasing; only apply and
-# refresh call STS).
+# The throttling code each service really sends (botocore retries every one of them), where the product
+# calls it (only apply and refresh call STS), and whose requests the burst is for. The agents share
+# DynamoDB with the control plane (their heartbeats are UpdateItems): the burst is kept to the control
+# plane's key so that a heartbeat cannot absorb it. Only the agents read SSM while provisioning and
+# releasing. The EC2 burst is for CreateFleet alone: three throttled CreateFleet requests failed a whole run
+# before CreateFleet got the same retries as every call.
 THROTTLING = [
-    pytest.param("dynamodb", "ThrottlingException", 400, ("provision", "release"), id="dynamodb"),
-    pytest.param("sqs", "RequestThrottled", 400, ("provision", "release"), id="sqs"),
-    pytest.param("ec2", "RequestLimitExceeded", 503, ("provision",), id="ec2"),
-    pytest.param("ssm", "ThrottlingException", 400, ("provision", "release"), id="ssm"),
-    pytest.param("sts", "Throttling", 400, ("apply",), id="sts"),
+    pytest.param("dynamodb", "ThrottlingException", 400, ("provision", "release"),
+                 {"access_key": CONTROL_PLANE_KEY}, id="dynamodb"),
+    pytest.param("sqs", "RequestThrottled", 400, ("provision", "release"), {"access_key": CONTROL_PLANE_KEY},
+                 id="sqs"),
+    pytest.param("ec2", "RequestLimitExceeded", 503, ("provision",), {"op": "CreateFleet"}, id="ec2"),
+    pytest.param("ssm", "ThrottlingException", 400, ("provision", "release"), {}, id="ssm"),
+    pytest.param("sts", "Throttling", 400, ("apply",), {"access_key": CONTROL_PLANE_KEY}, id="sts"),
 ]
 # The other codes the same services send for throttling (the JSON protocol's name for SQS).
 OTHER_THROTTLING_CODES = [("dynamodb", "ProvisionedThroughputExceededException", 400),
                           ("sqs", "ThrottlingException", 400), ("ec2", "RequestLimitExceeded", 503),
                           ("ssm", "ThrottlingException", 400), ("sts", "Throttling", 400)]
 BURST = 3                      # throttled requests in a row: all of one CreateFleet's attempts, before the fix
-# Throttling backs off in seconds (base 1 s), whatever the heartbeat period: judge heartbeats as the default
-# config does (15 s), not as the FAST test timings do (4 s).
-THROTTLED_STALE_S = 15
+# Each rule draws from its own generator: with this seed a service's 2nd, 8th, 10th, 13th, 20th... requests
+# are throttled (a tenth in the long run), so every run meets the same throttles early.
+TENTH_SEED = 42
 
 
 def served_throttles(emu: Emu) -> int:
     """Throttling answers the emulator gave since the last clear; then clear for the next phase."""
-    hits = sum(int(r.get("hits", 0)) for r in control(f"{emu.aws}/_emulator/faults")["rules"])
-    control(f"{emu.aws}/_emulator/faults", "DELETE")
+    hits = sum(int(r["hits"]) for r in emu.fault_rules()["rules"])
+    emu.clear_aws_faults()
     return hits
 
 
-@pytest.mark.parametrize("service, code, status, phases", THROTTLING)
+@pytest.mark.parametrize("service, code, status, phases, scope", THROTTLING)
 def test_a_burst_of_throttling_on_each_service_is_retried_and_provision_and_release_succeed(
-        make_pool: Any, emu: Emu, service: str, code: str, status: int, phases: tuple[str, ...]) -> None:
+        make_pool: Any, emu: Emu, monkeypatch: pytest.MonkeyPatch, service: str, code: str, status: int,
+        phases: tuple[str, ...], scope: dict[str, str]) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CONTROL_PLANE_KEY)      # this process's requests, not the agents'
     served: dict[str, int] = {}
 
     def throttled(phase: str, fn: Callable[..., T], *args: Any) -> T:
         if phase not in phases:
             return fn(*args)
-        emu.fault(op="*", service=service, code=code, status=status, count=BURST)
+        emu.fault(**{"op": "*", "service": service, "code": code, "status": status, "count": BURST, **scope})
         out = fn(*args)
         served[phase] = served_throttles(emu)
         return out
 
-    pool = throttled("apply", lambda: make_pool(heartbeat_stale_s=THROTTLED_STALE_S))
+    pool = throttled("apply", lambda: make_pool(**RELIABLE))
     res = throttled("provision", prov, pool, 2)
     assert res.ok, res.reason
     assert len(online(emu, res.label)) == 2
@@ -211,9 +182,9 @@ def test_a_burst_of_throttling_on_each_service_is_retried_and_provision_and_rele
 
 def test_a_tenth_of_every_services_requests_throttled_at_once_still_provisions_and_releases(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool(heartbeat_stale_s=THROTTLED_STALE_S)
+    pool = make_pool(**RELIABLE)
     for service, code, status in OTHER_THROTTLING_CODES:
-        emu.fault(op="*", service=service, code=code, status=status, prob=0.1)
+        emu.fault(op="*", service=service, code=code, status=status, prob=0.1, seed=TENTH_SEED)
     res = prov(pool, 2)
     assert res.ok, res.reason
     rel = release(pool, res.run_id)
@@ -232,24 +203,22 @@ def test_a_tenth_of_every_services_requests_throttled_at_once_still_provisions_a
 def test_subnets_short_of_capacity_get_no_more_than_they_have_and_the_rest_lands_elsewhere(
         make_pool: Any, emu: Emu, local: dict[str, Any], capacity: dict[int, int]) -> None:
     subnets = local["network"]["subnets"]
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     for index, available in capacity.items():
         emu.capacity(subnets=[subnets[index]], available=available)
     res = prov(pool, 3)
     assert res.ok, res.reason
     per_subnet = Counter(v["subnet"] for v in ec2_view(pool, res.instance_ids).values())
     assert sum(per_subnet.values()) == 3
-    for index, available in capacity.items():
-        assert per_subnet[subnets[index]] <= available, per_subnet
-    assert set(per_subnet) <= set(subnets)
-    if 0 in capacity.values():
-        assert res.capacity_errors.get("InsufficientInstanceCapacity", 0) >= 1
+    for index, available in capacity.items():            # each got all it had, and no more
+        assert per_subnet[subnets[index]] == available, per_subnet
+    assert res.capacity_errors.get("InsufficientInstanceCapacity", 0) >= 1, res.capacity_errors
     check(pool, emu)
 
 
 def test_the_type_ec2_picked_having_no_capacity_gives_another_type_that_meets_the_class(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     first = prov(pool, 1)
     assert first.ok, first.reason
     preferred = ec2_view(pool, first.instance_ids)[first.instance_ids[0]]["type"]
@@ -267,7 +236,7 @@ def test_the_type_ec2_picked_having_no_capacity_gives_another_type_that_meets_th
 
 def test_no_capacity_anywhere_fails_the_provision_cleanly_naming_the_error_and_leaves_nothing(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     emu.capacity(available=0)
     rid = run_id()
     out = run_cli("provision", "--pool", pool.name, "--run-id", rid, "--resource-class", "small",
@@ -283,7 +252,7 @@ def test_no_capacity_anywhere_fails_the_provision_cleanly_naming_the_error_and_l
 
 def test_a_run_id_provisioned_again_after_its_release_gets_a_new_instance_when_the_old_one_died(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     rid = run_id()
     first = prov(pool, 1, rid)
     assert first.ok, first.reason
@@ -298,41 +267,25 @@ def test_a_run_id_provisioned_again_after_its_release_gets_a_new_instance_when_t
 
 # ---------------------------------------------------------------- the AWS endpoint restarting mid-provision
 
-def emulator_health(emu: Emu) -> dict[str, Any] | None:
-    try:
-        return control(f"{emu.aws}/_emulator/health", timeout_s=2)  # type: ignore[no-any-return]
-    except OSError:
-        return None
-
-
-def restart_emulator(emu: Emu, down_s: float) -> None:
-    """Restart the emulator's server (state kept) and wait until it was down and is back."""
-    before = emulator_health(emu)
-    assert before is not None
-    control(f"{emu.aws}/_emulator/restart", "POST", {"down_s": down_s})
-    wait_for(lambda: emulator_health(emu) is None, "the emulator to refuse connections", 30)
-    wait_for(lambda: (emulator_health(emu) or {}).get("restarts") == before["restarts"] + 1,
-             "the emulator to serve again", 30 + down_s)
-
-
 @pytest.mark.parametrize("phase", ["creation", "validation"])
 def test_the_aws_endpoint_restarting_mid_provision_is_ridden_out_by_the_control_plane_and_agents(
         make_pool: Any, emu: Emu, phase: str) -> None:
-    pool = make_pool(heartbeat_stale_s=10)
+    assert RELIABLE["heartbeat_stale_s"] >= 15       # 3 s down plus the agents' reconnect backoff is no death
+    pool = make_pool(**RELIABLE)
     rid = run_id()
-    fleets = aws_requests(emu, "ec2.CreateFleet")
+    fleets = emu.count("ec2.CreateFleet")
     if phase == "creation":                   # CreateFleet is in flight when the server goes away
-        control(f"{emu.aws}/_emulator/latency", "POST", {"op": "CreateFleet", "seconds": 3})
+        emu.latency(op="CreateFleet", seconds=3)
     else:                                     # registration outlasts the outage
         emu.behaviour(match={"pool": pool.name}, registration="delay", registration_delay_s=5)
     running = in_background(prov, pool, 2, rid)
     if phase == "creation":
-        wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach the emulator")
+        wait_for(lambda: emu.count("ec2.CreateFleet") > fleets, "CreateFleet to reach the emulator")
     else:
         rows = wait_for(lambda: run_instances(pool, rid) if len(run_instances(pool, rid)) == 2 else None,
                         "the created rows")
         wait_for(lambda: all(signal_of(pool, iid) is Signal.WAITING for iid in rows), "both agents to boot")
-    restart_emulator(emu, down_s=3)
+    emu.restart(down_s=3)
     res = running.result(timeout=240)
     assert res.ok, res.reason
     assert sorted(pool_instance_ids(pool.config)) == sorted(res.instance_ids)   # one fleet, none leaked
@@ -375,17 +328,19 @@ def kill_while_registering(pool: Any, emu: Emu) -> None:
     """config.sh is talking to GitHub: rollback terminates it; a registration GitHub finishes late is
     removed by the scheduled reconcile."""
     emu.behaviour(match={"pool": pool.name}, registration="hang")
-    registers = github_requests(emu, "POST /_runner/register")
+    registers = emu.github_requests("POST /_runner/register")
     rid = run_id()
     running = in_background(prov, pool, 1, rid)
     iid = wait_for(lambda: next(iter(run_instances(pool, rid)), None), "the created row")
-    wait_for(lambda: github_requests(emu, "POST /_runner/register") > registers, "config.sh to reach GitHub")
+    wait_for(lambda: emu.github_requests("POST /_runner/register") > registers, "config.sh to reach GitHub")
+    assert runners_of(emu, iid) == [], "GitHub already lists the runner: this would be the registered step"
+    assert signal_of(pool, iid) is not Signal.REGISTERED
     emu.kill_agent(iid)
     res = running.result(timeout=180)
     assert not res.ok and "heartbeat stopped" in res.reason, res.reason
     assert res.cleanup.terminated == [iid]
     assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
-    control(f"{emu.github}/_control/faults", "DELETE")          # GitHub finishes the held registration
+    emu.clear_github_faults()                                  # GitHub finishes the held registration
     wait_for(lambda: runners_of(emu, iid), "GitHub to finish the registration it was holding")
     reconcile(pool)
     assert runners_of(emu, iid) == []
@@ -410,16 +365,16 @@ def kill_while_deregistering(pool: Any, emu: Emu) -> None:
     res = prov(pool, 1)
     assert res.ok, res.reason
     iid = res.instance_ids[0]
-    github_fault(emu, mode="hang", path_contains="/_runner/remove")
-    removes = github_requests(emu, "POST /_runner/remove")
+    emu.github_fault(mode="hang", path_contains="/_runner/remove")
+    removes = emu.github_requests("POST /_runner/remove")
     releasing = in_background(release, pool, res.run_id)
-    wait_for(lambda: github_requests(emu, "POST /_runner/remove") > removes, "config.sh remove to reach GitHub")
+    wait_for(lambda: emu.github_requests("POST /_runner/remove") > removes, "config.sh remove to reach GitHub")
     assert row_state(pool, iid) == "draining" and signal_of(pool, iid) is Signal.REGISTERED
     emu.kill_agent(iid)
     rel: ReleaseResult = releasing.result(timeout=180)
     assert rel.terminated == [iid] and rel.returned_to_pool == []
     assert row_state(pool, iid) == "terminated" and gone_from_ec2(pool, iid)
-    control(f"{emu.github}/_control/faults", "DELETE")          # GitHub finishes the held removal
+    emu.clear_github_faults()                                  # GitHub finishes the held removal
     reconcile(pool)
     assert runners_of(emu, iid) == []
 
@@ -434,7 +389,7 @@ AGENT_STEPS = {
 @pytest.mark.parametrize("step", list(AGENT_STEPS))
 def test_an_agent_killed_at_each_step_of_its_life_leaves_a_terminated_instance_and_no_runner(
         make_pool: Any, emu: Emu, step: str) -> None:
-    pool = make_pool(**({"pre_runner_script": "sleep 300\n"} if step == "booting" else {}))
+    pool = make_pool(**RELIABLE, **({"pre_runner_script": "sleep 300\n"} if step == "booting" else {}))
     AGENT_STEPS[step](pool, emu)
     check(pool, emu)
 
@@ -442,15 +397,19 @@ def test_an_agent_killed_at_each_step_of_its_life_leaves_a_terminated_instance_a
 # ---------------------------------------------------------------- the provisioner killed at each phase
 
 class Provisioner:
-    """``runner-pool provision`` as a process, its progress lines collected as they come."""
+    """``runner-pool provision`` as a process, its progress lines collected as they come.
 
-    def __init__(self, pool: Any, rid: str, count: int) -> None:
+    It signs with ``key``, an access key of its own, so the faults set for that key delay its requests
+    only and the emulator counts them apart from the agents' and this test's.
+    """
+
+    def __init__(self, pool: Any, rid: str, count: int, key: str) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controlplane", "provision", "--pool", pool.name, "--run-id", rid,
              "--resource-class", "small", "--count", str(count)],
-            cwd=ROOT, env={**os.environ, "RUNNER_POOL_LOG_LEVEL": "WARNING"}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env={**os.environ, "RUNNER_POOL_LOG_LEVEL": "WARNING", "AWS_ACCESS_KEY_ID": key},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -467,39 +426,42 @@ class Provisioner:
 
 
 PHASES = ["[1/4] selection", "[2/4] creation", "[3/4] validation", "[4/4] commit"]
+ROLLBACK = "[4/4] rollback"                   # what a failed provision prints instead of the commit
+COMMITTING = '"running"'                      # in the body of a commit write (the agents' writes never say it)
 
 
 @pytest.mark.parametrize("phase", [p.split()[1] for p in PHASES])
 def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_release(
         make_pool: Any, emu: Emu, phase: str) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     rid = run_id()
     tag = next(p for p in PHASES if p.endswith(phase))
-    latency = f"{emu.aws}/_emulator/latency"
+    key = f"AKIDPROV{uuid.uuid4().hex[:12].upper()}"
     warm: list[str] = []
     if phase == "selection":                  # claimed, the message not yet deleted
         first = prov(pool, 1)
         assert first.ok, first.reason
         release(pool, first.run_id)
         warm = first.instance_ids
-        control(latency, "POST", {"op": "DeleteMessageBatch", "service": "sqs", "seconds": 15})
+        emu.latency(op="DeleteMessageBatch", service="sqs", access_key=key, seconds=15)
     elif phase == "creation":                 # CreateFleet in flight: EC2 launches, no row written yet
-        control(latency, "POST", {"op": "CreateFleet", "seconds": 5})
+        emu.latency(op="CreateFleet", access_key=key, seconds=5)
     elif phase == "validation":
         emu.behaviour(match={"pool": pool.name}, registration="hang")
-    else:                                     # the commit writes in flight (not the agents' writes)
-        control(latency, "POST", {"op": "UpdateItem", "contains": '"running"', "seconds": 6})
-    fleets = aws_requests(emu, "ec2.CreateFleet")
-    p = Provisioner(pool, rid, 2)
+    else:                                     # the commit writes in flight
+        emu.latency(op="UpdateItem", contains=COMMITTING, access_key=key, seconds=8)
+    p = Provisioner(pool, rid, 2, key)
     wait_for(lambda: p.reached(tag), f"the provisioner to reach {tag!r}")
     if phase == "selection":
         wait_for(lambda: run_instances(pool, rid) == warm, "the claim of the idle runner")
     elif phase == "creation":
-        wait_for(lambda: aws_requests(emu, "ec2.CreateFleet") > fleets, "CreateFleet to reach EC2")
+        wait_for(lambda: emu.count("ec2.CreateFleet", access_key=key) >= 1, "CreateFleet to reach EC2")
     elif phase == "validation":
         wait_for(lambda: len(run_instances(pool, rid)) == 2, "the created rows")
+    else:
+        wait_for(lambda: emu.latency_hits(COMMITTING) >= 2, "both commit writes to reach the table")
     p.kill()
-    following = PHASES[PHASES.index(tag) + 1:]
+    following = [*PHASES[PHASES.index(tag) + 1:], ROLLBACK]
     assert not any(p.reached(t) for t in following), p.lines           # it died in that phase
     if phase == "creation":
         wait_for(lambda: len(pool_instance_ids(pool.config)) == 2, "the fleet EC2 was launching")
@@ -523,4 +485,3 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
     assert {r.state for r in store.all_records(pool)} <= {State.IDLE, State.TERMINATED}
     wait_for(lambda: online(emu, rid) == [], "no runner online for the dead run", 30)
     check(pool, emu)
-
