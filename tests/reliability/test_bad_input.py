@@ -9,11 +9,15 @@ arguments (counts, usage class, run ids, regions, pool names), a pool that
 does not exist, and a GitHub token that is missing or rejected.
 
 Every row must give exit code 2, no traceback, an empty stdout and one
-``error: `` line on stderr (``config check`` prints one line per problem)
-containing the substrings that name the field and the fix. The emulator's
-request counter proves that nothing in AWS changed: ``mutations`` stays the
-same for every row, and ``total`` too for the rows whose input is wrong before
-any AWS resource is looked at (a config file, an argument, a token).
+``error: `` line on stderr (``config check`` prints one line per problem,
+naming exactly the fields that are wrong) containing the substrings that name
+the field and the fix. The emulator's request counter proves that nothing in
+AWS changed: each row runs the CLI with an AWS access key of its own (moto
+serves every key from the same account, so the CLI sees the same pools), and
+the requests signed with that key hold no ``mutations`` for every row, and
+none at all for the rows whose input is wrong before any AWS resource is
+looked at (a config file, an argument, a token). Agents still heartbeating
+from earlier tests sign with their own key and cannot blur the count.
 
 A run id that still holds a live fleet, and the Pulumi side's input checks
 (``RunnerFleet``'s and the pool resources'), have their own tests below.
@@ -21,8 +25,7 @@ A run id that still holds a live fleet, and the Pulumi side's input checks
 from __future__ import annotations
 
 import copy
-import signal
-import time
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ from controlplane.github import github_client_from_env
 from controlplane.provision import ProvisionRequest, provision
 from controlplane.records import State
 from controlplane.userdata import user_data_size
-from tests.conftest import Emu, pool_config_dict, run_cli
+from tests.conftest import RELIABLE, Emu, pool_config_dict, run_cli_with_own_key
 from tests.reliability.invariants import check
 
 BIG_SCRIPT = "echo 'warming the build cache, step by step'\n" * 200       # ~9 KB: user data ends near 23 KB
@@ -62,7 +65,7 @@ class Case:
     config: Callable[[dict[str, Any]], None] | str | None = None
     env: dict[str, str] = field(default_factory=dict)
     reads: bool = False                 # may it read AWS (never write) before it knows the input is bad?
-    lines: int = 1                      # error lines on stderr (config check prints one per problem)
+    fields: tuple[str, ...] = ()        # config check: the fields it must name, one error line each
 
 
 def setting(**values: Any) -> Callable[[dict[str, Any]], None]:
@@ -147,7 +150,7 @@ CASES: dict[str, Case] = {
                                       ("config file 'no/such/pool.yaml' not found", "examples/pool.yaml")),
     "check-every-problem-one-line-each": Case(
         CHECK, ("subnets: got []", "max_reuse: got -1", "idle_time_s: got \"ten\""),
-        setting(subnets=[], max_reuse=-1, idle_time_s="ten"), lines=3),
+        setting(subnets=[], max_reuse=-1, idle_time_s="ten"), fields=("subnets", "max_reuse", "idle_time_s")),
     # -- provision arguments
     "provision-zero-count": Case((*PROVISION, "--count", "0"), ("--count 0 is not valid", "at least 1 runner")),
     "provision-negative-count": Case((*PROVISION, "--count", "-2"), ("--count -2 is not valid", "at least 1")),
@@ -216,7 +219,7 @@ CASES: dict[str, Case] = {
 @pytest.fixture(scope="module")
 def applied(local: dict[str, Any]) -> Iterator[Any]:
     """One applied pool (no instances) for the rows that need a pool to exist."""
-    cfg = parse_config(pool_config_dict(local))
+    cfg = parse_config(pool_config_dict(local, **RELIABLE))
     apply_pool(cfg)
     yield store.load_pool(cfg.name, cfg.region)
     destroy_pool(cfg, github_client_from_env(cfg.github.api_url, cfg.github.scope))
@@ -234,11 +237,9 @@ def write_config(case: Case, local: dict[str, Any], path: Path) -> dict[str, Any
     return data
 
 
-def calls_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
-    """AWS operations the emulator saw between two snapshots, with how many times (for the failure message)."""
-    ops = set(before["counts"]) | set(after["counts"])
-    seen = {op: after["counts"].get(op, 0) - before["counts"].get(op, 0) for op in ops}
-    return {op: n for op, n in sorted(seen.items()) if n}
+def error_field(line: str) -> str:
+    """The field an error line names: ``error: subnets: got []`` -> ``subnets``."""
+    return line.removeprefix("error: ").split(": ", 1)[0]
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
@@ -253,53 +254,41 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing_in_aws(case: Case, loc
         says.append(f"user data {size} bytes")
     argv = [a.replace("{pool}", applied.name).replace("{config}", str(config)) for a in case.argv]
 
-    before = emu.requests()
-    p = run_cli(*argv, env=case.env, timeout=120)
-    after = emu.requests()
+    p, key = run_cli_with_own_key(*argv, env=case.env, timeout=120)
+    seen = emu.requests(access_key=key)
 
     assert p.returncode == 2, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     assert "Traceback" not in p.stderr + p.stdout, p.stderr
     assert p.stdout == "", p.stdout
     lines = p.stderr.splitlines()
-    assert len(lines) == case.lines and all(line.startswith("error: ") for line in lines), p.stderr
+    assert len(lines) == max(1, len(case.fields)) and all(line.startswith("error: ") for line in lines), p.stderr
     for part in says:
         assert any(part in line for line in lines), f"{part!r} not in {p.stderr!r}"
-    if case.lines > 1:                                     # each problem on its own line, naming its field
-        assert all(line.split(": ")[1].split(".")[0] in str(data) for line in lines), lines
-    changed = calls_between(before, after)
-    assert after["mutations"] == before["mutations"], f"AWS was changed: {changed}"
+    if case.fields:                                        # each problem on its own line, naming its field
+        assert sorted(error_field(line) for line in lines) == sorted(case.fields), lines
+    assert seen["mutations"] == 0, f"AWS was changed: {seen['counts']}"
     if not case.reads:
-        assert after["total"] == before["total"], f"AWS was called before the input was checked: {changed}"
+        assert seen["total"] == 0, f"AWS was called before the input was checked: {seen['counts']}"
 
 
-def freeze_agents(emu: Emu, instance_ids: list[str]) -> None:
-    """Stop the agents (SIGSTOP) so their heartbeats do not count as AWS writes; wait until it is quiet."""
-    for iid in instance_ids:
-        emu.kill_agent(iid, signal.SIGSTOP)
-    last = emu.requests()["mutations"]
-    for _ in range(40):                                   # a heartbeat already on the wire still lands
-        time.sleep(1.5)
-        now = emu.requests()["mutations"]
-        if now == last:
-            return
-        last = now
-    raise AssertionError("AWS writes go on with every agent frozen")
+def test_a_cli_signing_with_its_own_key_sees_the_same_pools_and_is_counted_apart(applied: Any, emu: Emu) -> None:
+    """What the rows above rely on: another key is the same AWS account, and its requests are its own."""
+    p, key = run_cli_with_own_key("status", "--pool", applied.name, "--json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["pool"] == applied.name
+    seen = emu.requests(access_key=key)
+    assert seen["total"] > 0 and seen["mutations"] == 0, seen
+    assert emu.requests(access_key="AKIDNEVERUSED")["total"] == 0
 
 
 def test_a_run_id_that_still_holds_a_live_fleet_is_refused_and_the_fleet_is_untouched(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     res = provision(pool, ProvisionRequest("reused-run", "small", 1))
     assert res.ok, res.reason
-    freeze_agents(emu, res.instance_ids)
-    try:
-        before = emu.requests()
-        p = run_cli("provision", "--pool", pool.name, "--run-id", "reused-run", "--resource-class", "large",
-                    "--count", "2", timeout=120)
-        after = emu.requests()
-    finally:
-        for iid in res.instance_ids:
-            emu.kill_agent(iid, signal.SIGCONT)
+    p, key = run_cli_with_own_key("provision", "--pool", pool.name, "--run-id", "reused-run", "--resource-class",
+                                  "large", "--count", "2", timeout=120)
+    seen = emu.requests(access_key=key)                   # the fleet's agent heartbeats with its own key
 
     assert p.returncode == 2, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
@@ -307,7 +296,7 @@ def test_a_run_id_that_still_holds_a_live_fleet_is_refused_and_the_fleet_is_unto
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     assert "run id 'reused-run' already holds 1 instance(s) (running)" in lines[0]
     assert f"runner-pool release --pool {pool.name} --run-id reused-run" in lines[0]
-    assert after["mutations"] == before["mutations"], calls_between(before, after)
+    assert seen["total"] > 0 and seen["mutations"] == 0, seen["counts"]     # it looked, and changed nothing
     rows = store.run_records(pool, "reused-run")
     assert [(r.instance_id, r.state) for r in rows] == [(res.instance_ids[0], State.RUNNING)]
     check(pool, emu)
