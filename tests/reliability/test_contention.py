@@ -12,44 +12,35 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from controlplane import store
 from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import State
 from controlplane.release import release
-from tests.conftest import Emu
-from tests.reliability.invariants import check
+from tests.conftest import RELIABLE, Emu
+from tests.reliability.invariants import check, online
 
 RUNS, PER_RUN, POOL = 20, 3, 30
-# 60 agents share two cores with the emulator and the rest of the suite: a 1 s heartbeat judged
-# stale at 4 s starves; these are the product defaults' ratio, and still far inside the timeouts.
-TIMINGS = {"heartbeat_interval_s": 2, "heartbeat_stale_s": 15, "validation_timeout_s": 240,
-           "claim_timeout_s": 600, "deregistration_timeout_s": 60}
+PROVISION_DEADLINE_S = 400     # for all twenty; each is bounded by its own validation timeout anyway
 
 
 def test_twenty_concurrent_runs_share_a_pool_of_thirty_without_a_double_claim(make_pool: Any, emu: Emu) -> None:
-    pool = make_pool(**TIMINGS)
+    pool = make_pool(**RELIABLE)
     warm = provision(pool, ProvisionRequest(f"warm-{uuid.uuid4().hex[:6]}", "small", POOL))
     assert warm.ok, warm.reason
     assert sorted(release(pool, warm.run_id).returned_to_pool) == sorted(warm.instance_ids)
 
     barrier = threading.Barrier(RUNS)
-    results: list[ProvisionResult] = []
-    lock = threading.Lock()
 
-    def one() -> None:
-        barrier.wait()
-        res = provision(pool, ProvisionRequest(f"race-{uuid.uuid4().hex[:8]}", "small", PER_RUN))
-        with lock:
-            results.append(res)
+    def one() -> ProvisionResult:
+        barrier.wait(PROVISION_DEADLINE_S)
+        return provision(pool, ProvisionRequest(f"race-{uuid.uuid4().hex[:8]}", "small", PER_RUN))
 
-    threads = [threading.Thread(target=one) for _ in range(RUNS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(400)
-    assert len(results) == RUNS, "a provision did not return"
+    with ThreadPoolExecutor(RUNS) as runs:
+        futures = [runs.submit(one) for _ in range(RUNS)]
+        results = [f.result(timeout=PROVISION_DEADLINE_S) for f in futures]   # a provision's exception is raised here
     failed = [r.reason for r in results if not r.ok]
     assert not failed, failed
     held = Counter(i for r in results for i in r.instance_ids)
@@ -65,8 +56,8 @@ def test_twenty_concurrent_runs_share_a_pool_of_thirty_without_a_double_claim(ma
         rows = store.run_records(pool, r.run_id)
         assert sorted(x.instance_id for x in rows) == sorted(r.instance_ids)
         assert {x.state for x in rows} == {State.RUNNING} and {x.run_id for x in rows} == {r.run_id}
-    online = Counter(lb["name"] for g in emu.runners() if g["status"] == "online" for lb in g["labels"])
-    assert all(online[r.label] == PER_RUN for r in results), "a run does not see exactly its 3 runners"
+    seen = {r.label: len(online(emu, r.label)) for r in results}
+    assert all(n == PER_RUN for n in seen.values()), f"a run does not see exactly its {PER_RUN} runners: {seen}"
     check(pool, emu)
     for r in results:
         assert release(pool, r.run_id).ok

@@ -17,15 +17,17 @@ from controlplane.provision import ProvisionRequest, provision
 from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
-from tests.conftest import Emu
-from tests.reliability.invariants import check
+from tests.conftest import RELIABLE, Emu
+from tests.reliability.invariants import check, online
 
 
 def soak(pool: Any, emu: Emu, cycles: int, per_run: int = 3) -> dict[str, Any]:
     hits = total = 0
     seen: set[str] = set()
+    runs: list[str] = []
     for c in range(cycles):
         run = f"soak-{c}-{uuid.uuid4().hex[:6]}"
+        runs.append(run)
         res = provision(pool, ProvisionRequest(run, "small", per_run))
         assert res.ok, f"cycle {c}: {res.reason}"
         hits += res.from_pool
@@ -39,8 +41,7 @@ def soak(pool: Any, emu: Emu, cycles: int, per_run: int = 3) -> dict[str, Any]:
     assert seen <= set(rows), "an instance was used with no row"
     assert running == live, f"EC2 and table disagree: {running ^ live}"
     assert {rows[i].state for i in live} <= {State.IDLE}, "something is still held after its release"
-    labels = {lb["name"] for r in emu.runners() for lb in r["labels"] if r["status"] == "online"}
-    assert not [lb for lb in labels if lb.startswith("soak-")], "a runner is still registered for a released run"
+    assert [run for run in runs if online(emu, run)] == [], "a runner is still online for a released run"
     drift = reconcile(pool)
     assert drift.actions == [], drift.summary()
     check(pool, emu)
@@ -50,13 +51,13 @@ def soak(pool: Any, emu: Emu, cycles: int, per_run: int = 3) -> dict[str, Any]:
 
 
 def test_a_20_cycle_soak_accounts_for_every_instance_and_leaks_nothing(make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
+    pool = make_pool(**RELIABLE)
     out = soak(pool, emu, 20)
     assert out["instances"] == 3 and out["hit_rate"] >= 0.9      # only the first cycle creates
 
 
 @pytest.mark.soak
 def test_a_100_cycle_soak(make_pool: Any, emu: Emu) -> None:
-    pool = make_pool(max_reuse=30)
+    pool = make_pool(**RELIABLE, max_reuse=30)
     out = soak(pool, emu, 100)
     assert out["hit_rate"] >= 0.85
