@@ -5,10 +5,11 @@ this run now holds in ``claimed`` (healthy at claim time), the unhealthy ones
 it claimed and must terminate, and counts of what it saw.
 
 How: receive up to 10 messages (SQS's maximum per call; the first receive
-long-polls briefly, later ones don't wait); when that batch comes back full
-and more are wanted, receive the rest at once in parallel calls, so a warm
-run of 50 costs two round trips, not five, and a cold pool still costs one
-receive; claim every candidate in parallel with the
+long-polls briefly, later ones don't wait); when that finds the pool warm
+and more are wanted, receive the rest at once in parallel calls (SQS often
+returns fewer messages than asked, so waiting for a full batch would be five
+rounds for a run of 50), so a warm run of 50 costs two round trips and a cold
+pool one receive; claim every candidate in parallel with the
 conditional idle->claimed write; delete each message once its claim is
 decided (won, or lost because the row moved on: a stale message); give back
 at once the valid messages this run did not need. Claimed instances are
@@ -58,7 +59,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
         msgs = pool_q.receive(cfg.region, url, min(pool_q.BATCH_MAX, want), pool_q.LONG_POLL_S if first else 0)
         first = False
         rest = want - len(msgs)
-        if msgs and len(msgs) == pool_q.BATCH_MAX and rest > 0:     # a full batch: the pool may hold the rest
+        if msgs and rest > 0:       # the pool is warm: ask for the rest at once (SQS often returns fewer)
             sizes = [min(pool_q.BATCH_MAX, rest - i) for i in range(0, rest, pool_q.BATCH_MAX)]
             msgs += [m for batch in aws.parallel(lambda k: pool_q.receive(cfg.region, url, k, 0), sizes)
                      for m in batch]
