@@ -53,7 +53,7 @@ from controlplane.reconcile import reconcile, snapshot  # noqa: E402
 from controlplane.refresh import refresh  # noqa: E402
 from tests.reliability import invariants  # noqa: E402
 from tests.reliability.scale_fixture import (  # noqa: E402
-    KINDS, AheadClock, World, check_end_state, check_reconcile, check_refresh, expected_actions,
+    KINDS, World, ahead_clock, check_end_state, check_reconcile, check_refresh, expected_actions,
     expected_expired, local_world, plant, pool_config,
 )
 
@@ -109,7 +109,7 @@ def acted_on(p: Any, refreshed: Any, reconciled: Any) -> dict[str, dict[str, int
 
 def one_round(world: World, rows: int, repeat: int, batch: int, name: str, breakdown: bool) -> dict[str, Any]:
     gh = world.client
-    clock = AheadClock()
+    clock = ahead_clock()
     cfg = pool_config(world, name)
     apply_pool(cfg, github=gh)
     pool = store.load_pool(cfg.name, cfg.region)

@@ -15,6 +15,7 @@ from controlplane.reconcile import reconcile
 from controlplane.records import InstanceRecord, State
 from controlplane.refresh import refresh
 from controlplane.release import release
+from controlplane.clock import AheadClock
 from tests.conftest import Emu
 from tests.integration.test_provision import ec2_states, online_runners, states
 
@@ -158,36 +159,20 @@ def test_reconcile_finds_and_fixes_each_kind_of_drift(make_pool: Any, emu: Emu, 
     req = urllib.request.Request(f"{local['github_url']}/_runner/register", method="POST",
                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=5).read()
-    dry = reconcile(pool, dry_run=True, clock=_Later(600))
+    dry = reconcile(pool, dry_run=True, clock=AheadClock(600))
     found = {(x.kind, x.target) for x in dry.actions}
     ghost_runner = [r.id for r in gh.list_runners() if r.name == "i-00000000000dead00-1"]
     orphan_runner = [r.id for r in gh.list_runners() if r.name.startswith(lose_row)]   # goes with its instance
     assert found == {("terminate_instance", lose_row), ("close_row", ghost),
                      ("delete_runner", str(ghost_runner[0])), ("delete_runner", str(orphan_runner[0]))}
     assert ec2_states(pool, [lose_row])[lose_row] == "running"          # dry run changed nothing
-    fixed = reconcile(pool, clock=_Later(600))
+    fixed = reconcile(pool, clock=AheadClock(600))
     assert not fixed.failed and {(x.kind, x.target) for x in fixed.applied} == found
     assert ec2_states(pool, [lose_row])[lose_row] in ("terminated", "shutting-down")
     assert states(pool, [ghost])[ghost] == "terminated"
     assert ec2_states(pool, [keep])[keep] == "running"
     assert not [r for r in gh.list_runners() if r.name.startswith("i-00000000000dead00")]
     assert reconcile(pool).actions == []
-
-
-class _Later:
-    """A clock some seconds ahead: instances look older than reconcile's grace period."""
-
-    def __init__(self, ahead_s: float) -> None:
-        self.ahead_s = ahead_s
-
-    def now(self) -> float:
-        return time.time() + self.ahead_s
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, s: float) -> None:
-        time.sleep(s)
 
 
 def test_a_thousand_rows_are_all_seen_by_reconcile(make_pool: Any) -> None:

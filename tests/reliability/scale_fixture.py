@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from typing import Any
 
 from controlplane import aws, launch_template, store
 from controlplane.apply import pool_instance_ids, terminate_instances
+from controlplane.clock import AheadClock
 from controlplane.config import PoolConfig, parse_config
 from controlplane.github import GitHubClient
 from controlplane.reconcile import ORPHAN_GRACE_S, ReconcileResult
@@ -110,20 +110,9 @@ def counts_for(rows: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the local world
 
-class AheadClock:
-    """The system clock, ``ahead_s`` in the future: every instance looks that much older."""
-
-    def __init__(self, ahead_s: float = CLOCK_AHEAD_S) -> None:
-        self.ahead_s = ahead_s
-
-    def now(self) -> float:
-        return time.time() + self.ahead_s
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, s: float) -> None:
-        time.sleep(s)
+def ahead_clock() -> AheadClock:
+    """The clock every planting and check uses: instances look ``CLOCK_AHEAD_S`` older."""
+    return AheadClock(CLOCK_AHEAD_S)
 
 
 @contextmanager
@@ -323,7 +312,7 @@ def _agent_item(pool: Pool, rec: InstanceRecord, now: float) -> dict[str, Any]:
 def plant(pool: Pool, world: World, rows: int, *, batch: int = 50,
           clock: AheadClock | None = None) -> Planted:
     """Launch, write and register ``rows`` rows' worth of the :data:`KINDS` mix; returns what went where."""
-    now = float(int((clock or AheadClock()).now()))    # whole seconds: rows read back compare equal
+    now = float(int((clock or ahead_clock()).now()))    # whole seconds: rows read back compare equal
     counts = counts_for(rows)
     rng = random.Random(SEED)
     with_instance = [k for k in KINDS if k.instance != "none"]

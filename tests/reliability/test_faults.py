@@ -34,7 +34,7 @@ import pytest
 
 from controlplane import aws, store
 from controlplane.apply import pool_instance_ids
-from controlplane.clock import SystemClock
+from controlplane.clock import AheadClock
 from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.reconcile import ORPHAN_GRACE_S, reconcile
 from controlplane.records import Signal, State
@@ -107,17 +107,7 @@ def heartbeat_stale(pool: Any, iid: str) -> bool:
     return agent is not None and not agent.is_healthy(time.time(), pool.config.heartbeat_stale_s)
 
 
-class Later(SystemClock):
-    """The wall clock ``shift_s`` ahead: the scheduled reconcile that runs after a grace period."""
-
-    def __init__(self, shift_s: float) -> None:
-        self.shift_s = shift_s
-
-    def now(self) -> float:
-        return super().now() + self.shift_s
-
-
-AFTER_ORPHAN_GRACE = Later(ORPHAN_GRACE_S + 1)
+AFTER_ORPHAN_GRACE = AheadClock(ORPHAN_GRACE_S + 1)
 
 
 # ---------------------------------------------------------------- throttling on each AWS service

@@ -28,7 +28,7 @@ from controlplane.reconcile import ORPHAN_GRACE_S, Action, ReconcileResult, reco
 from controlplane.refresh import RefreshResult, refresh
 from tests.reliability import invariants
 from tests.reliability.scale_fixture import (
-    KINDS, AheadClock, Planted, World, check_end_state, check_reconcile, check_refresh, counts_for,
+    KINDS, Planted, World, ahead_clock, check_end_state, check_reconcile, check_refresh, counts_for,
     expected_actions, expected_expired, local_world, plant, pool_config,
 )
 
@@ -53,7 +53,7 @@ def counted(fn: Any) -> tuple[Any, dict[str, int]]:
 
 def test_refresh_and_reconcile_over_pages_of_rows_act_on_every_planted_item_and_nothing_else(
         world: World) -> None:
-    gh, clock = world.client, AheadClock()
+    gh, clock = world.client, ahead_clock()
     cfg = pool_config(world, "scaletest")
     apply_pool(cfg, github=gh)
     pool = store.load_pool(cfg.name, cfg.region)
