@@ -60,10 +60,18 @@ def _whole_number(text: str) -> int:
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None]) -> None:
+    from controlplane.store import SKIPPED
+
+    skipped = SKIPPED.snapshot()             # rows a reader could not parse: skipped, reported here
+    if skipped and isinstance(payload, dict):
+        payload = {**payload, "skipped_rows": skipped}
     if getattr(args, "json", False):
         print(json.dumps(payload, indent=None, default=str))
     else:
         human()
+        if skipped:
+            print(f"warning: skipped {len(skipped)} unreadable row(s): "
+                  + "; ".join(f"{r['pk']} ({r['reason']})" for r in skipped), file=sys.stderr)
 
 
 def _region(args: argparse.Namespace) -> str:
@@ -266,6 +274,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_iam(args: argparse.Namespace) -> int:
+    from controlplane import iam
+
+    if not re.match(r"^\d{12}$", args.account):
+        raise ConfigError(f"--account {args.account!r} is not an AWS account id", hint="pass 12 digits")
+    if args.instance_role is not None and not re.match(r"^[\w+=,.@-]{1,64}$", args.instance_role):
+        raise ConfigError(f"--instance-role {args.instance_role!r} is not a role name",
+                          hint="the name of the role in the pool's instance profile")
+    cfg = _load_cfg(args.config)
+    names = [args.policy] if args.policy else list(iam.POLICY_NAMES)
+    docs = {n: iam.policy(n, cfg, args.account, args.partition, args.instance_role) for n in names}
+    print(json.dumps(docs[args.policy] if args.policy else docs, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from controlplane.demo import run_demo
 
@@ -331,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "instances of a pool by state, queue depths")
     pool_args(p)
+
+    p = sub.add_parser("iam", help="print the IAM policies of a pool as JSON (docs/security.md)",
+                       description="print the IAM policies of a pool as JSON (docs/security.md)")
+    p.set_defaults(func=cmd_iam)
+    p.add_argument("--config", required=True, help="pool config file (pool.yaml)")
+    p.add_argument("--account", required=True, help="AWS account id the pool lives in")
+    p.add_argument("--partition", choices=["aws", "aws-cn", "aws-us-gov"], default="aws")
+    p.add_argument("--policy", choices=["control-plane", "pool-admin", "instance"], default=None,
+                   help="print only this policy document (default: all three, by name)")
+    p.add_argument("--instance-role", default=None,
+                   help="role in the pool's instance profile (default: the one createInstanceRole makes)")
 
     p = add("demo", cmd_demo, "run the whole product on the embedded default, then clean up")
     p.add_argument("--state-dir", type=Path, default=None)

@@ -22,6 +22,16 @@ AGENT_SK = "agent"
 POOL_PK = "pool"
 AGENT_PREFIX = "agent#"
 
+# The table's key attributes: every request names them (AWS wants them in a dynamodb:Attributes list).
+KEY_ATTRIBUTES: tuple[str, ...] = ("pk", "sk")
+# The attributes an instance may write to its own agent row -- the one list: the instance policy's
+# dynamodb:Attributes condition is built from it, and a unit test checks that the agent
+# (controlplane/agent/agent.py, which cannot import this package) writes nothing else. None of them
+# is a key of the table's indexes (run_id, state, threshold), so no agent write lands in an index.
+AGENT_ATTRIBUTES: tuple[str, ...] = (
+    "heartbeat_at", "signal", "signal_at", "signal_run", "runner_name", "detail", "instance_id", "expires_at",
+)
+
 
 class State(str, enum.Enum):
     CREATED = "created"
@@ -54,6 +64,46 @@ class Signal(str, enum.Enum):
 
 
 FAILURE_SIGNALS = frozenset({Signal.REGISTRATION_FAILED, Signal.PRERUNNER_FAILED, Signal.SHUTDOWN})
+
+
+class UnreadableRow(ValueError):
+    """An item that is not a row this version can read (junk an instance planted, a half-written row).
+
+    Raised by ``from_item``; readers in :mod:`controlplane.store` skip, log and count such rows
+    instead of failing the whole operation.
+    """
+
+    def __init__(self, pk: str, sk: str, reason: str) -> None:
+        super().__init__(f"row pk={pk!r} sk={sk!r}: {reason}")
+        self.pk, self.sk, self.reason = pk, sk, reason
+
+
+def _key_of(item: dict[str, Any]) -> tuple[str, str]:
+    def text(name: str) -> str:
+        v = item.get(name)
+        return str(v.get("S", v)) if isinstance(v, dict) else str(v)
+    return text("pk"), text("sk")
+
+
+def _readable(kind: str, sk: str, item: dict[str, Any], read: Any) -> Any:
+    """``read(plain(item))``, with every way a foreign item can fail turned into :class:`UnreadableRow`."""
+    pk, got_sk = _key_of(item)
+    if got_sk != sk:
+        raise UnreadableRow(pk, got_sk, f"not a {kind} row (sk is not {sk!r})")
+    try:
+        return read(plain(item))
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError) as exc:
+        raise UnreadableRow(pk, got_sk, f"unreadable {kind} row: {type(exc).__name__}: {exc}") from exc
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _opt_text(v: Any) -> str | None:
+    if v is None or isinstance(v, str):
+        return v or None
+    raise TypeError(f"{v!r} is not a string")
 
 
 def instance_arn(partition: str, region: str, account: str, instance_id: str) -> str:
@@ -121,17 +171,21 @@ class InstanceRecord:
 
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> InstanceRecord:
-        v = plain(item)
-        return cls(
-            arn=v["pk"], state=State(v["state"]), threshold=float(v["threshold"]),
-            resource_class=v.get("resource_class", ""), instance_type=v.get("instance_type", ""),
-            usage_class=v.get("usage_class", ""), subnet_id=v.get("subnet_id", ""),
-            launched_at=float(v.get("launched_at", 0)), run_id=v.get("run_id") or None,
-            last_run_id=v.get("last_run_id") or None, reuse_count=int(v.get("reuse_count", 0)),
-            version=int(v.get("version", 1)), updated_at=float(v.get("updated_at", 0)),
-            expires_at=float(v["expires_at"]) if v.get("expires_at") is not None else None,
-            availability_zone=v.get("availability_zone", ""),
-        )
+        """The record of a state row; :class:`UnreadableRow` for anything else."""
+        def read(v: dict[str, Any]) -> InstanceRecord:
+            if not str(v["pk"]).startswith("arn:"):
+                raise ValueError("pk is not an instance ARN")
+            return cls(
+                arn=v["pk"], state=State(v["state"]), threshold=float(v["threshold"]),
+                resource_class=str(v.get("resource_class", "")), instance_type=str(v.get("instance_type", "")),
+                usage_class=str(v.get("usage_class", "")), subnet_id=str(v.get("subnet_id", "")),
+                launched_at=float(v.get("launched_at", 0)), run_id=_opt_text(v.get("run_id")),
+                last_run_id=_opt_text(v.get("last_run_id")), reuse_count=int(v.get("reuse_count", 0)),
+                version=int(v.get("version", 1)), updated_at=float(v.get("updated_at", 0)),
+                expires_at=_opt_float(v.get("expires_at")),
+                availability_zone=str(v.get("availability_zone", "")),
+            )
+        return _readable("state", STATE_SK, item, read)  # type: ignore[no-any-return]
 
     def to_item(self) -> dict[str, Any]:
         return wire({
@@ -165,19 +219,27 @@ class AgentRecord:
 
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> AgentRecord:
-        v = plain(item)
-        sig = v.get("signal")
-        try:
-            signal = Signal(sig) if sig else None
-        except ValueError:
-            signal = None
-        return cls(
-            arn=v["pk"].removeprefix(AGENT_PREFIX),
-            heartbeat_at=float(v["heartbeat_at"]) if v.get("heartbeat_at") is not None else None,
-            signal=signal, signal_run=v.get("signal_run") or None,
-            signal_at=float(v["signal_at"]) if v.get("signal_at") is not None else None,
-            runner_name=v.get("runner_name"), detail=v.get("detail"),
-        )
+        """The record of an agent row; :class:`UnreadableRow` for anything else.
+
+        An unknown ``signal`` reads as no signal (a newer agent may know more); a heartbeat or a
+        time that is not a number makes the row unreadable.
+        """
+        def read(v: dict[str, Any]) -> AgentRecord:
+            sig = v.get("signal")
+            try:
+                signal = Signal(sig) if sig else None
+            except ValueError:
+                signal = None
+            if not str(v["pk"]).startswith(AGENT_PREFIX + "arn:"):
+                raise ValueError("pk is not agent#<instance ARN>")
+            return cls(
+                arn=v["pk"].removeprefix(AGENT_PREFIX),
+                heartbeat_at=_opt_float(v.get("heartbeat_at")),
+                signal=signal, signal_run=_opt_text(v.get("signal_run")),
+                signal_at=_opt_float(v.get("signal_at")),
+                runner_name=_opt_text(v.get("runner_name")), detail=_opt_text(v.get("detail")),
+            )
+        return _readable("agent", AGENT_SK, item, read)  # type: ignore[no-any-return]
 
     def heartbeat_age(self, now: float) -> float | None:
         return None if self.heartbeat_at is None else max(0.0, now - self.heartbeat_at)

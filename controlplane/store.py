@@ -8,10 +8,19 @@ silently missed the rest).
 Reads of the agent rows and state rows for a set of instances are one
 BatchGetItem per 50 instances (two keys each), with consistent reads: that is
 how validation and release watch many instances at once.
+
+Every reader skips a row it cannot read (:class:`controlplane.records.UnreadableRow`:
+junk an instance wrote into its agent row, an agent row that landed in an index,
+a half-written row) instead of failing the operation: it logs a ``row.unreadable``
+event and counts the row in :data:`SKIPPED`, which the CLI reports with the
+command's result. A skipped state row is treated as absent; a skipped agent row
+as an agent that never reported.
 """
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,15 +32,61 @@ from controlplane import aws
 from controlplane.clock import Deadline, wait_until
 from controlplane.config import PoolConfig, parse_config
 from controlplane.errors import ConfigError
+from controlplane.logs import event
 from controlplane.records import (
-    AGENT_SK, POOL_PK, STATE_SK, AgentRecord, InstanceRecord, LaunchedInstance, State, agent_pk,
-    instance_arn, instance_id_of, num,
+    AGENT_SK,
+    POOL_PK,
+    STATE_SK,
+    AgentRecord,
+    InstanceRecord,
+    LaunchedInstance,
+    State,
+    UnreadableRow,
+    agent_pk,
+    instance_arn,
+    instance_id_of,
+    num,
 )
 
 TABLE_READY_TIMEOUT_S = 120
 BATCH_GET_KEYS = 100
 BATCH_WRITE_ITEMS = 25
 UNPROCESSED_RETRY_S = 10
+
+
+class SkippedRows:
+    """Rows readers skipped in this process, by key (thread-safe; the CLI reports and clears them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str], str] = {}
+
+    def add(self, table: str, err: UnreadableRow) -> None:
+        with self._lock:
+            first = (err.pk, err.sk) not in self._rows
+            self._rows[(err.pk, err.sk)] = err.reason
+        if first:
+            event("row.unreadable", logging.WARNING, table=table, pk=err.pk, sk=err.sk, reason=err.reason)
+
+    def snapshot(self) -> list[dict[str, str]]:
+        with self._lock:
+            return [{"pk": pk, "sk": sk, "reason": why} for (pk, sk), why in sorted(self._rows.items())]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
+SKIPPED = SkippedRows()
+
+
+def _readable(table: str, items: Iterable[dict[str, Any]], parse: Any) -> Iterator[Any]:
+    """``parse(item)`` for each item, skipping (logged, counted) the ones it cannot read."""
+    for item in items:
+        try:
+            yield parse(item)
+        except UnreadableRow as err:
+            SKIPPED.add(table, err)
 
 
 @dataclass(frozen=True)
@@ -246,12 +301,14 @@ def read_set(pool: Pool, instance_ids: Iterable[str]) -> dict[str, tuple[Instanc
                 resp = ddb.batch_get_item(RequestItems=pending)
             except ClientError as exc:
                 raise aws.wrap(exc, "dynamodb:BatchGetItem") from exc
-            for item in resp.get("Responses", {}).get(pool.table, []):
-                if item["sk"]["S"] == STATE_SK:
-                    rec = InstanceRecord.from_item(item)
+            items = resp.get("Responses", {}).get(pool.table, [])
+            for rec in _readable(pool.table, (i for i in items if i.get("sk", {}).get("S") == STATE_SK),
+                                 InstanceRecord.from_item):
+                if rec.instance_id in out:
                     out[rec.instance_id] = (rec, out[rec.instance_id][1])
-                else:
-                    ag = AgentRecord.from_item(item)
+            for ag in _readable(pool.table, (i for i in items if i.get("sk", {}).get("S") != STATE_SK),
+                                AgentRecord.from_item):
+                if ag.instance_id in out:
                     out[ag.instance_id] = (out[ag.instance_id][0], ag)
             pending = resp.get("UnprocessedKeys") or {}
             if pending and deadline.expired:
@@ -265,7 +322,7 @@ def get_record(pool: Pool, instance_id: str) -> InstanceRecord | None:
     item = aws.client("dynamodb", pool.region).get_item(
         TableName=pool.table, Key={"pk": {"S": pool.arn(instance_id)}, "sk": {"S": STATE_SK}},
         ConsistentRead=True).get("Item")
-    return InstanceRecord.from_item(item) if item else None
+    return next(_readable(pool.table, [item], InstanceRecord.from_item), None) if item else None
 
 
 def _paginate(pool: Pool, op: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -282,7 +339,8 @@ def run_records(pool: Pool, run_id: str) -> list[InstanceRecord]:
     """Rows that belong to ``run_id`` (index ``by_run``, every page)."""
     items = _paginate(pool, "query", IndexName="by_run", KeyConditionExpression="run_id = :r",
                       ExpressionAttributeValues={":r": {"S": run_id}})
-    return [InstanceRecord.from_item(i) for i in items if i.get("sk", {}).get("S") == STATE_SK]
+    # Only state rows carry run_id as the control plane writes it; anything else in the index is junk.
+    return list(_readable(pool.table, items, InstanceRecord.from_item))
 
 
 def records_in_state(pool: Pool, state: State, threshold_before: float | None = None,
@@ -307,17 +365,17 @@ def records_in_state(pool: Pool, state: State, threshold_before: float | None = 
         extra["FilterExpression"] = "#l <= :l"
     items = _paginate(pool, "query", IndexName="by_state", KeyConditionExpression=key,
                       ExpressionAttributeNames=names, ExpressionAttributeValues=values, **extra)
-    return [InstanceRecord.from_item(i) for i in items]
+    return list(_readable(pool.table, items, InstanceRecord.from_item))
 
 
 def all_records(pool: Pool) -> list[InstanceRecord]:
     """Every instance row (consistent Scan, every page)."""
     items = _paginate(pool, "scan", ConsistentRead=True, FilterExpression="sk = :s",
                       ExpressionAttributeValues={":s": {"S": STATE_SK}})
-    return [InstanceRecord.from_item(i) for i in items]
+    return list(_readable(pool.table, items, InstanceRecord.from_item))
 
 
 def all_agents(pool: Pool) -> dict[str, AgentRecord]:
     items = _paginate(pool, "scan", ConsistentRead=True, FilterExpression="sk = :s",
                       ExpressionAttributeValues={":s": {"S": AGENT_SK}})
-    return {instance_id_of(a.arn): a for a in (AgentRecord.from_item(i) for i in items)}
+    return {instance_id_of(a.arn): a for a in _readable(pool.table, items, AgentRecord.from_item)}
