@@ -176,7 +176,13 @@ def cmd_pool_destroy(args: argparse.Namespace) -> int:
 def cmd_local_start(args: argparse.Namespace) -> int:
     from controlplane.local import control
 
-    state, started = control.start(args.state_dir)
+    if args.config and not args.enforce_iam:
+        raise ConfigError("--config is given without --enforce-iam",
+                          hint="--config names the pool whose IAM user `local env` exports")
+    if args.config:
+        _load_cfg(args.config)                 # a bad config is bad input before anything starts
+    state, started = control.start(args.state_dir, enforce_iam=args.enforce_iam,
+                                   pool_config=Path(args.config) if args.config else None)
     _emit(args, {**state, "started": started}, lambda: print(
         f"local AWS emulator {'started' if started else 'already running'} at {state['aws_url']} "
         f"(GitHub stand-in {state['github_url']}); run: eval \"$(runner-pool local env)\""))
@@ -333,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("status", cmd_local_status, "say whether it runs, and where")):
         p = add(name, fn, h, local)
         p.add_argument("--state-dir", type=Path, default=None, help="default: ~/.runner-pool/local")
+        if name == "start":
+            p.add_argument("--enforce-iam", action="store_true",
+                           help="moto enforces IAM: the control plane and the agents sign with the pool's policies")
+            p.add_argument("--config", default=None, help="with --enforce-iam: the pool whose user `local env` exports")
 
     p = add("provision", cmd_provision, "hand a run N registered runners, or nothing")
     pool_args(p)

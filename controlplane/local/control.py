@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.clock import Deadline, wait_until
-from controlplane.errors import RunnerPoolError
+from controlplane.errors import ConfigError, RunnerPoolError
 from controlplane.local.daemon import aws_env, default_state_dir
 
 START_TIMEOUT_S = 30
@@ -57,17 +57,30 @@ def read_state(state_dir: Path | None = None) -> dict[str, Any] | None:
     return state
 
 
-def start(state_dir: Path | None = None) -> tuple[dict[str, Any], bool]:
-    """Start the daemon (or find it running). Returns (state, started_now)."""
+def start(state_dir: Path | None = None, enforce_iam: bool = False,
+          pool_config: Path | None = None) -> tuple[dict[str, Any], bool]:
+    """Start the daemon (or find it running). Returns (state, started_now).
+
+    ``enforce_iam``: moto enforces IAM (see :mod:`controlplane.local.daemon`);
+    ``pool_config``: the pool whose control-plane user ``local env`` exports.
+    A daemon already running in the other mode is bad input, not reused.
+    """
     state_dir = state_dir or default_state_dir()
     existing = read_state(state_dir)
     if existing and _healthy(existing["aws_url"]):
+        if bool(existing.get("iam", {}).get("enforced")) != enforce_iam:
+            mode = "with" if existing.get("iam", {}).get("enforced") else "without"
+            raise ConfigError(f"the local emulator already runs {mode} IAM enforcement",
+                              hint="run `runner-pool local stop` first")
         return existing, False
+    extra = ["--enforce-iam"] if enforce_iam else []
+    if pool_config is not None:
+        extra += ["--config", str(Path(pool_config).resolve())]
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "state.json").unlink(missing_ok=True)
     log = open(state_dir / "daemon.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.local.daemon", "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "controlplane.local.daemon", "--state-dir", str(state_dir), *extra],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
     )
     log.close()
@@ -122,8 +135,12 @@ def stop(state_dir: Path | None = None) -> dict[str, Any]:
 
 
 def env_vars(state: dict[str, Any]) -> dict[str, str]:
+    """The exports of ``local env``; with IAM enforced, the key of the pool's control-plane user
+    (``local start --enforce-iam --config FILE``), else the daemon's admin key."""
+    iam = state.get("iam") or {}
+    key = iam.get("env_key") or iam.get("admin") if iam.get("enforced") else None
     return {
-        **aws_env(state["aws_url"]),
+        **aws_env(state["aws_url"], key),
         "RUNNER_POOL_GITHUB_TOKEN": state["github_pat"],
         "RUNNER_POOL_GITHUB_URL": state["github_url"],
         "RUNNER_POOL_GITHUB_API_URL": state["github_url"],

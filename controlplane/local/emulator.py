@@ -61,6 +61,18 @@ Control endpoints (JSON bodies):
   /_emulator/requests?access_key=KEY`` counts only the requests signed with
   ``KEY``.
 
+**IAM enforcement** (:func:`enforce_iam`, ``runner-pool local start --enforce-iam``):
+moto checks every request's signature and authorizes its action against the
+signer's IAM policies. Stock moto authorizes only IAM, STS and SQS against the
+resource a request touches and everything else against ``"*"`` -- so a policy
+naming a table ARN would be refused even for that table. In enforcing mode the
+emulator tells moto the resource of DynamoDB, SSM, EC2 and SQS requests too
+(:func:`request_resource`: the table or index, the parameter, the instance,
+launch template or fleet, the queue), so a policy is evaluated with its
+``Resource`` elements as written. moto still ignores ``Condition`` elements;
+those are evaluated offline (tests/security). Every 403 is counted per
+``service.Operation`` and access key (``denied`` in ``GET /_emulator/requests``).
+
 CreateFleet honours ``ClientToken`` as EC2 does: a second call with a token
 already used returns the first call's fleet and instances instead of launching
 again, so a client retrying a request whose answer was lost (a dropped
@@ -181,22 +193,32 @@ class Requests:
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.by_key: dict[str, Counter[str]] = {}
+        self.denied: dict[str, Counter[str]] = {}        # 403s, by access key
 
     def add(self, key: str, access_key: str = "") -> None:
         with self.lock:
             self.counts[key] += 1
             self.by_key.setdefault(access_key, Counter())[key] += 1
 
+    def add_denied(self, key: str, access_key: str = "") -> None:
+        with self.lock:
+            self.denied.setdefault(access_key, Counter())[key] += 1
+
     def snapshot(self, access_key: str | None = None) -> dict[str, Any]:
         with self.lock:
             counts = dict(self.counts if access_key is None else self.by_key.get(access_key, Counter()))
+            denied: Counter[str] = Counter()
+            for k, c in self.denied.items():
+                if access_key is None or k == access_key:
+                    denied.update(c)
         mutations = sum(n for k, n in counts.items() if k.split(".", 1)[-1].startswith(MUTATING_PREFIXES))
-        return {"counts": counts, "total": sum(counts.values()), "mutations": mutations}
+        return {"counts": counts, "total": sum(counts.values()), "mutations": mutations, "denied": dict(denied)}
 
     def reset(self) -> None:
         with self.lock:
             self.counts.clear()
             self.by_key.clear()
+            self.denied.clear()
 
 
 REQUESTS = Requests()
@@ -212,6 +234,14 @@ def _json_response(start_response: Any, status: str, payload: Any) -> list[bytes
     body = json.dumps(payload).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _noting_denials(start_response: Any, key: str, access_key: str) -> Any:
+    def wrapped(status: str, headers: Any, *exc_info: Any) -> Any:
+        if status.startswith("403"):
+            REQUESTS.add_denied(key, access_key)
+        return start_response(status, headers, *exc_info)
+    return wrapped
 
 
 class Middleware:
@@ -248,6 +278,8 @@ class Middleware:
             rule = FAULTS.match(service, op, body, access_key)
             if rule:
                 return self._fault(start_response, rule, json_protocol=bool(target))
+        if op:
+            start_response = _noting_denials(start_response, f"{service}.{op}", access_key)
         if op == "ReceiveMessage":           # never hold the lock across an SQS long poll
             return self.app(environ, start_response)
         with BACKEND_LOCK:
@@ -492,6 +524,101 @@ def install_fleet_shim() -> None:
     create_fleet._runner_pool_shim = True  # type: ignore[attr-defined]
     fm.FleetsBackend.create_fleet = create_fleet
     fr.Fleets.create_fleet = create_fleet_response
+
+
+# ---------------------------------------------------------------- IAM enforcement
+
+_EC2_RESOURCE_PREFIXES = {"i-": "instance", "lt-": "launch-template", "fleet-": "fleet", "vol-": "volume",
+                          "subnet-": "subnet", "sg-": "security-group", "eni-": "network-interface"}
+
+
+def _ec2_arn(region: str, account: str, resource_id: str) -> str:
+    for prefix, kind in _EC2_RESOURCE_PREFIXES.items():
+        if resource_id.startswith(prefix):
+            return f"arn:aws:ec2:{region}:{account}:{kind}/{resource_id}"
+    return "*"
+
+
+def _launch_template_id(handler: Any) -> str | None:
+    """The id of the template a launch-template request names (by id or by name), if it exists."""
+    from moto.ec2.models import ec2_backends
+
+    lt_id = handler._get_param("LaunchTemplateId")
+    if lt_id:
+        return str(lt_id)
+    name = handler._get_param("LaunchTemplateName")
+    if not name:
+        return None
+    try:
+        return str(ec2_backends[handler.current_account][handler.region].get_launch_template_by_name(name).id)
+    except Exception:  # noqa: BLE001 - an unknown name: the request itself will say so
+        return None
+
+
+def request_resource(service: str, handler: Any) -> str:
+    """The ARN moto should authorize a request against ("*" where AWS has no resource-level permission).
+
+    One resource per request, as moto evaluates one: the table (or index), the
+    parameter, the queue, the instance being terminated, the launch template
+    being changed; for creations a new ARN of the kind being created
+    (``fleet/new``, ``launch-template/new``).
+    """
+    region, account = handler.region, handler.current_account
+    if service == "dynamodb":
+        body = getattr(handler, "body", None) or {}
+        table = body.get("TableName") or next(iter(body.get("RequestItems") or {}), None)
+        if not table:
+            return "*"
+        arn = f"arn:aws:dynamodb:{region}:{account}:table/{table}"
+        return f"{arn}/index/{body['IndexName']}" if body.get("IndexName") else arn
+    if service == "ssm":
+        name = handler._get_param("Name")
+        return f"arn:aws:ssm:{region}:{account}:parameter/{str(name).lstrip('/')}" if name else "*"
+    if service == "sqs":
+        name = handler._get_param("QueueName")
+        return f"arn:aws:sqs:{region}:{account}:{name}" if name else "*"
+    if service == "ec2":
+        action = handler._get_action()
+        if action == "TerminateInstances":
+            ids = handler._get_param("InstanceIds") or []
+            return _ec2_arn(region, account, ids[0]) if ids else "*"
+        if action == "CreateFleet":
+            return f"arn:aws:ec2:{region}:{account}:fleet/new"
+        if action == "CreateLaunchTemplate":
+            return f"arn:aws:ec2:{region}:{account}:launch-template/new"
+        if "LaunchTemplate" in action and not action.startswith("Describe"):
+            lt = _launch_template_id(handler)
+            return f"arn:aws:ec2:{region}:{account}:launch-template/{lt}" if lt else "*"
+        if action == "CreateTags":
+            ids = handler._get_param("Resources") or []
+            return _ec2_arn(region, account, ids[0]) if ids else "*"
+        return "*"
+    return "*"
+
+
+def enforce_iam() -> None:
+    """From the next request on, moto checks signatures and the signer's policies, resources included."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.dynamodb.responses import DynamoHandler
+    from moto.ec2.responses import EC2Response
+    from moto.sqs.responses import SQSResponse
+    from moto.ssm.responses import SimpleSystemManagerResponse
+
+    DynamoHandler._determine_resource = lambda self: request_resource("dynamodb", self)
+    SimpleSystemManagerResponse._determine_resource = lambda self: request_resource("ssm", self)
+    EC2Response._determine_resource = lambda self: request_resource("ec2", self)
+    stock_sqs = SQSResponse._determine_resource
+
+    def sqs_resource(self: Any) -> str:
+        # moto knows a queue's ARN once it exists; CreateQueue (and a lookup of a missing queue) names one.
+        found = stock_sqs(self)
+        return found if found != "*" else request_resource("sqs", self)
+
+    SQSResponse._determine_resource = sqs_resource
+    with BACKEND_LOCK:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        ActionAuthenticatorMixin.request_count = 0
 
 
 # ---------------------------------------------------------------- server

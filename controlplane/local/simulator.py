@@ -191,8 +191,11 @@ class Simulator:
     """Runs the real agent for every pool instance in the emulator's EC2."""
 
     def __init__(self, *, aws_endpoint: str, work_dir: Path, imds: ImdsStandIn, github_url: str | None = None,
-                 poll_s: float = 0.2) -> None:
+                 poll_s: float = 0.2, agent_credentials: Any = None) -> None:
         self.aws_endpoint = aws_endpoint
+        # instance id -> AWS_* variables the agent signs with (the instance role's credentials when the
+        # emulator enforces IAM); None: the shared "testing" keys.
+        self.agent_credentials = agent_credentials
         self.work_dir = Path(work_dir)
         self.imds = imds
         self.github_url = github_url.rstrip("/") if github_url else None
@@ -394,6 +397,8 @@ class Simulator:
             "RUNNER_POOL_RUNNER_SOURCE": str(RUNNER_SOURCE), "RUNNER_POOL_SHUTDOWN_CMD": "true",
             "RUNNER_POOL_PYTHON": sys.executable,
         }
+        if self.agent_credentials is not None:
+            env.update(self.agent_credentials(m.instance_id))
         if self.github_url:
             env["RP_GITHUB_URL"] = self.github_url            # locally, the stand-in is the only GitHub
         if m.rule["prerunner_fail"]:
