@@ -27,7 +27,8 @@ every request against the signer's IAM policies (see
   and puts exactly :func:`controlplane.iam.instance_policy` on the local
   instance role (``runner-pool-local``, in profile ``runner-pool-local``);
   ``--config FILE`` does this at start, and ``local env`` then exports that
-  user's key;
+  user's key; ``POST /_emulator/iam/agent {"instance_id"}`` returns a session
+  of the instance role as an agent gets it;
 * every simulated agent gets its own STS session of the instance role
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``), as
   an instance profile would hand it out, so it holds the instance policy and
@@ -187,7 +188,14 @@ def _iam_hooks(aws_url: str, admin: dict[str, str]) -> dict[tuple[str, str], Any
         except ConfigErrors as exc:
             return 400, {"error": "; ".join(exc.problems)}
 
-    return {("POST", "/_emulator/iam/pool"): pool}
+    def agent(data: dict[str, Any]) -> tuple[int, Any]:
+        iid = data.get("instance_id")
+        if not isinstance(iid, str) or not iid.startswith("i-"):
+            return 400, {"error": "need {\"instance_id\": \"i-...\"}"}
+        return 200, agent_credentials(iid)
+
+    # /_emulator/iam/agent: what an instance's profile would hand its agent (tests attack with it)
+    return {("POST", "/_emulator/iam/pool"): pool, ("POST", "/_emulator/iam/agent"): agent}
 
 
 def serve(state_dir: Path, aws_port: int = 0, github_port: int = 0, enforce_iam: bool = False,

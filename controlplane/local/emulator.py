@@ -69,7 +69,8 @@ naming a table ARN would be refused even for that table. In enforcing mode the
 emulator tells moto the resource of DynamoDB, SSM, EC2 and SQS requests too
 (:func:`request_resource`: the table or index, the parameter, the instance,
 launch template or fleet, the queue), so a policy is evaluated with its
-``Resource`` elements as written. moto still ignores ``Condition`` elements;
+``Resource`` elements as written, and SQS's batch calls are authorized as the
+single calls they batch (as IAM does; :data:`IAM_ACTION_OF`). moto still ignores ``Condition`` elements;
 those are evaluated offline (tests/security). Every 403 is counted per
 ``service.Operation`` and access key (``denied`` in ``GET /_emulator/requests``).
 
@@ -596,11 +597,20 @@ def request_resource(service: str, handler: Any) -> str:
     return "*"
 
 
+# Operations IAM authorizes under another action's name: SQS's batch calls need the single call's
+# permission (there is no sqs:SendMessageBatch action;
+# https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html),
+# where moto checks the operation name.
+IAM_ACTION_OF = {"sqs:SendMessageBatch": "sqs:SendMessage", "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
+                 "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility"}
+
+
 def enforce_iam() -> None:
     """From the next request on, moto checks signatures and the signer's policies, resources included."""
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
     from moto.dynamodb.responses import DynamoHandler
+    from moto.iam.access_control import IAMRequestBase
     from moto.ec2.responses import EC2Response
     from moto.sqs.responses import SQSResponse
     from moto.ssm.responses import SimpleSystemManagerResponse
@@ -616,6 +626,13 @@ def enforce_iam() -> None:
         return found if found != "*" else request_resource("sqs", self)
 
     SQSResponse._determine_resource = sqs_resource
+    stock_init = IAMRequestBase.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        stock_init(self, *args, **kwargs)
+        self._action = IAM_ACTION_OF.get(self._action, self._action)
+
+    IAMRequestBase.__init__ = init
     with BACKEND_LOCK:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
         ActionAuthenticatorMixin.request_count = 0
