@@ -610,8 +610,8 @@ def enforce_iam() -> None:
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
     from moto.dynamodb.responses import DynamoHandler
-    from moto.iam.access_control import IAMRequestBase
     from moto.ec2.responses import EC2Response
+    from moto.iam.access_control import IAMRequestBase
     from moto.sqs.responses import SQSResponse
     from moto.ssm.responses import SimpleSystemManagerResponse
 
