@@ -8,6 +8,7 @@ names and types appear nowhere else. Times are epoch seconds.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -96,8 +97,15 @@ def _readable(kind: str, sk: str, item: dict[str, Any], read: Any) -> Any:
         raise UnreadableRow(pk, got_sk, f"unreadable {kind} row: {type(exc).__name__}: {exc}") from exc
 
 
+def _num(v: Any) -> float:
+    """A finite number, as DynamoDB's N type holds it (a string, a bool or NaN is junk)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{v!r} is not a number")
+    return float(v)
+
+
 def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
+    return None if v is None else _num(v)
 
 
 def _opt_text(v: Any) -> str | None:
@@ -176,12 +184,12 @@ class InstanceRecord:
             if not str(v["pk"]).startswith("arn:"):
                 raise ValueError("pk is not an instance ARN")
             return cls(
-                arn=v["pk"], state=State(v["state"]), threshold=float(v["threshold"]),
+                arn=v["pk"], state=State(v["state"]), threshold=_num(v["threshold"]),
                 resource_class=str(v.get("resource_class", "")), instance_type=str(v.get("instance_type", "")),
                 usage_class=str(v.get("usage_class", "")), subnet_id=str(v.get("subnet_id", "")),
-                launched_at=float(v.get("launched_at", 0)), run_id=_opt_text(v.get("run_id")),
-                last_run_id=_opt_text(v.get("last_run_id")), reuse_count=int(v.get("reuse_count", 0)),
-                version=int(v.get("version", 1)), updated_at=float(v.get("updated_at", 0)),
+                launched_at=_num(v.get("launched_at", 0)), run_id=_opt_text(v.get("run_id")),
+                last_run_id=_opt_text(v.get("last_run_id")), reuse_count=int(_num(v.get("reuse_count", 0))),
+                version=int(_num(v.get("version", 1))), updated_at=_num(v.get("updated_at", 0)),
                 expires_at=_opt_float(v.get("expires_at")),
                 availability_zone=str(v.get("availability_zone", "")),
             )

@@ -1,4 +1,4 @@
-"""The local AWS emulator: moto's server on 127.0.0.1 with three fixes.
+"""The local AWS emulator: moto's server on 127.0.0.1 with fixes.
 
 moto is the AWS the embedded default runs against, over HTTP, with the same
 boto3 code that talks to real AWS. Stock moto has gaps that would make our
@@ -16,7 +16,12 @@ probes behind each fix):
    that fits, honours capacity faults per type/subnet/lifecycle, spreads the
    capacity over overrides in priority order and returns per-override
    ``Errors`` as EC2 does (also for an override that ran out part-way).
-3. **Fault injection**, switchable at run time through ``/_emulator/*``
+3. **Comparisons of mixed types.** In a condition or filter expression DynamoDB
+   evaluates ``a <= b`` over values of different types (a string against a
+   number) as false; moto raises ``TypeError`` and answers 500, so one junk
+   attribute in one row would fail every query that filters on it
+   (:func:`install_comparison_fix`).
+4. **Fault injection**, switchable at run time through ``/_emulator/*``
    endpoints: AWS-shaped error responses (throttling, 5xx) per operation by
    count or probability, latency per operation, and EC2 capacity shortfalls.
 
@@ -527,6 +532,26 @@ def install_fleet_shim() -> None:
     fr.Fleets.create_fleet = create_fleet_response
 
 
+def install_comparison_fix() -> None:
+    """``<``, ``<=``, ``>``, ``>=`` over values of different types are false, as in DynamoDB."""
+    from moto.dynamodb import comparisons
+
+    for name in ("OpLessThan", "OpLessThanOrEqual", "OpGreaterThan", "OpGreaterThanOrEqual"):
+        op = getattr(comparisons, name)
+        if getattr(op.expr, "runner_pool_fixed", False):
+            continue
+        stock = op.expr
+
+        def expr(self: Any, item: Any, _stock: Any = stock) -> bool:
+            try:
+                return bool(_stock(self, item))
+            except TypeError:
+                return False
+
+        expr.runner_pool_fixed = True  # type: ignore[attr-defined]
+        op.expr = expr
+
+
 # ---------------------------------------------------------------- IAM enforcement
 
 _EC2_RESOURCE_PREFIXES = {"i-": "instance", "lt-": "launch-template", "fleet-": "fleet", "vol-": "volume",
@@ -695,6 +720,7 @@ class Emulator:
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         install_fleet_shim()
+        install_comparison_fix()
         self._app = Middleware(DomainDispatcherApplication(create_backend_app), emulator=self)
         self._serve()
         return self
