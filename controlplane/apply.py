@@ -8,11 +8,13 @@ call. ``destroy_pool`` terminates the pool's instances and removes it all.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from controlplane import aws, launch_template, pool, store, token
+from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigErrors
 from controlplane.github import GitHubClient, github_client_from_env
@@ -117,27 +119,71 @@ def pool_instance_ids(cfg: PoolConfig, states: tuple[str, ...] = ("pending", "ru
     return ids
 
 
-def terminate_instances(region: str, instance_ids: list[str]) -> list[str]:
-    """TerminateInstances in batches; ids EC2 no longer knows are skipped, not fatal."""
+# Right after CreateFleet, EC2's other APIs may not know an instance yet (eventual consistency:
+# https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html), and TerminateInstances
+# answers InvalidInstanceID.NotFound for it. An instance that was terminated stays known for about
+# an hour, so a NotFound that persists means the id never existed here. Such ids are retried with
+# backoff for NOT_FOUND_RETRY_S, then reported as not found (never silently dropped).
+NOT_FOUND_RETRY_S = 30.0
+NOT_FOUND_BACKOFF_S = (0.5, 8.0)      # first delay, longest delay
+
+
+@dataclass(frozen=True)
+class Termination:
+    terminated: list[str]
+    not_found: list[str]              # still InvalidInstanceID.NotFound after the retries
+
+
+def terminate(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK,
+              not_found_retry_s: float = NOT_FOUND_RETRY_S) -> Termination:
+    """TerminateInstances in batches; an id EC2 does not know (yet) is retried, then reported."""
     from botocore.exceptions import ClientError
 
     ec2 = aws.client("ec2", region)
     done: list[str] = []
+    unknown: list[str] = []
     for chunk in aws.chunks(sorted(set(instance_ids)), 500):
         try:
             ec2.terminate_instances(InstanceIds=chunk)
             done.extend(chunk)
+            continue
         except ClientError as exc:
             if aws.error_code(exc) != "InvalidInstanceID.NotFound":
                 raise aws.wrap(exc, "ec2:TerminateInstances") from exc
-            for iid in chunk:                      # one unknown id fails the whole call: go one by one
-                try:
-                    ec2.terminate_instances(InstanceIds=[iid])
-                    done.append(iid)
-                except ClientError as one:
-                    if aws.error_code(one) != "InvalidInstanceID.NotFound":
-                        raise aws.wrap(one, "ec2:TerminateInstances") from one
-    return done
+        for iid in chunk:                          # one unknown id fails the whole call: go one by one
+            try:
+                ec2.terminate_instances(InstanceIds=[iid])
+                done.append(iid)
+            except ClientError as one:
+                if aws.error_code(one) != "InvalidInstanceID.NotFound":
+                    raise aws.wrap(one, "ec2:TerminateInstances") from one
+                unknown.append(iid)
+    deadline = Deadline(not_found_retry_s, clock)
+    delay = NOT_FOUND_BACKOFF_S[0]
+    attempts = 1
+    while unknown and not deadline.expired:
+        clock.sleep(min(delay, deadline.remaining_s))
+        delay = min(delay * 2, NOT_FOUND_BACKOFF_S[1])
+        attempts += 1
+        still = []
+        for iid in unknown:
+            try:
+                ec2.terminate_instances(InstanceIds=[iid])
+                done.append(iid)
+            except ClientError as exc:
+                if aws.error_code(exc) != "InvalidInstanceID.NotFound":
+                    raise aws.wrap(exc, "ec2:TerminateInstances") from exc
+                still.append(iid)
+        unknown = still
+    if unknown:
+        event("terminate.not_found", logging.WARNING, instance_ids=unknown, attempts=attempts,
+              retried_s=round(deadline.elapsed_s, 1))
+    return Termination(done, unknown)
+
+
+def terminate_instances(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK) -> list[str]:
+    """The ids :func:`terminate` terminated; those EC2 never knew are logged (``terminate.not_found``)."""
+    return terminate(region, instance_ids, clock).terminated
 
 
 def destroy_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progress = QUIET) -> DestroyResult:

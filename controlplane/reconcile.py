@@ -8,7 +8,11 @@ over a snapshot, then an apply:
 * an EC2 instance tagged as ours with **no row** (older than a grace period,
   so a provision writing its rows is not raced) is terminated;
 * an EC2 instance whose row says **terminated** is terminated again;
-* a **live row whose instance is gone** from EC2 is closed (``-> terminated``);
+* a **live row whose instance is gone** from EC2 is closed (``-> terminated``),
+  unless the row is younger than ``VISIBILITY_GRACE_S`` and DescribeInstances
+  simply does not list its instance: EC2 is eventually consistent, and right
+  after CreateFleet an instance may not be listed yet. One listed as
+  ``shutting-down``/``terminated`` is gone whatever its age;
 * a **GitHub runner** of this pool whose instance is not live is removed.
 
 :func:`plan` does no I/O and is unit-tested on plain data; :func:`reconcile`
@@ -29,6 +33,7 @@ from controlplane.records import InstanceRecord, State
 from controlplane.store import Pool
 
 ORPHAN_GRACE_S = 120
+VISIBILITY_GRACE_S = 120      # a row this young is not closed because its instance is not listed (yet)
 LIVE_EC2_STATES = ("pending", "running", "stopping", "stopped")
 _RUNNER_INSTANCE = re.compile(r"^(i-[0-9a-f]+)")
 
@@ -101,8 +106,11 @@ def plan(snap: Snapshot) -> list[Action]:
                 actions.append(Action("terminate_instance", iid, "instance has no row in the state table"))
         elif row.state is State.TERMINATED:
             actions.append(Action("terminate_instance", iid, "its row says terminated"))
+    listed = {i.instance_id for i in snap.instances}
     for iid, row in sorted(rows.items()):
         if row.state is not State.TERMINATED and iid not in live_ec2:
+            if iid not in listed and snap.now - row.launched_at < VISIBILITY_GRACE_S:
+                continue                        # not visible yet, not known gone
             actions.append(Action("close_row", iid, f"row is {row.state} but the instance is gone from EC2",
                                   state=row.state.value, run_id=row.run_id))
     if snap.runners is not None:
@@ -139,7 +147,7 @@ def snapshot(pool: Pool, github: GitHubClient | None, clock: Clock = SYSTEM_CLOC
 
 def apply(pool: Pool, actions: list[Action], github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK
           ) -> tuple[list[Action], list[str]]:
-    from controlplane.apply import terminate_instances
+    from controlplane.apply import terminate
     from controlplane.state import transition
 
     applied: list[Action] = []
@@ -147,8 +155,10 @@ def apply(pool: Pool, actions: list[Action], github: GitHubClient | None, clock:
     doomed = [a for a in actions if a.kind == "terminate_instance"]
     if doomed:
         try:
-            done = set(terminate_instances(pool.region, [a.target for a in doomed]))
+            term = terminate(pool.region, [a.target for a in doomed], clock)
+            done = set(term.terminated)
             applied += [a for a in doomed if a.target in done]
+            failed += [f"{iid}: InvalidInstanceID.NotFound after retries" for iid in term.not_found]
             store.delete_rows(pool, [pool.arn(a.target) for a in doomed], state=False, agent=True)
         except aws.AwsError as exc:
             failed += [f"{a.target}: {exc}" for a in doomed]

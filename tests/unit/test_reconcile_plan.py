@@ -64,3 +64,21 @@ def test_without_github_access_runners_are_not_judged() -> None:
 def test_the_runner_of_an_instance_being_terminated_goes_in_the_same_pass() -> None:
     snap = Snapshot([], [inst("i-orphan")], [runner(7, "i-orphan-1")], NOW, "runner-pool-p")
     assert kinds(plan(snap)) == [("delete_runner", "7"), ("terminate_instance", "i-orphan")]
+
+
+def young(iid: str, state: State, age_s: float) -> InstanceRecord:
+    r = rec(iid, state, "r1")
+    return InstanceRecord(**{**r.__dict__, "launched_at": NOW - age_s})
+
+
+def test_a_young_row_whose_instance_ec2_does_not_list_yet_is_left_alone() -> None:
+    from controlplane.reconcile import VISIBILITY_GRACE_S
+
+    snap = Snapshot([young("i-new", State.CREATED, VISIBILITY_GRACE_S / 4),
+                     young("i-old", State.CREATED, VISIBILITY_GRACE_S + 1)], [], None, NOW)
+    assert kinds(plan(snap)) == [("close_row", "i-old")]
+
+
+def test_a_young_row_whose_instance_ec2_lists_as_shutting_down_is_closed() -> None:
+    snap = Snapshot([young("i-new", State.RUNNING, 5)], [inst("i-new", age_s=5, state="shutting-down")], None, NOW)
+    assert kinds(plan(snap)) == [("close_row", "i-new")]
