@@ -291,3 +291,12 @@ def test_iam_command_rejects_a_bad_config_naming_the_field(tmp_path: Path) -> No
     bad.write_text("name: Bad_Name\n")
     res = run_cli("iam", "--config", str(bad), "--account", ACCOUNT)
     assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: ")
+
+
+def test_docs_security_explains_every_statement_of_every_policy() -> None:
+    text = (ROOT / "docs" / "security.md").read_text()
+    doc = control_plane_policy(cfg(metricsCloudwatch=True), ACCOUNT, "aws")
+    sids = [s["Sid"] for s in doc["Statement"] + instance_policy(cfg(), ACCOUNT, "aws")["Statement"]]
+    assert [sid for sid in sids if f"`{sid}`" not in text and f'"{sid}"' not in text] == []
+    admin = [a.split(":")[1] for a in actions(pool_admin_policy(cfg(), ACCOUNT, "aws"))]
+    assert [a for a in admin if a not in text] == []
