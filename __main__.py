@@ -43,7 +43,6 @@ from dynamic_providers import (
 )
 from dynamic_providers.runner_fleet import MAX_COUNT, REGION_RE, RUN_ID_RE
 
-PROJECT = "runner-pool"
 KINDS = ("pool", "run")
 
 
@@ -54,7 +53,7 @@ class Problems:
         self.lines: list[str] = []
 
     def add(self, key: str, problem: str, fix: str) -> None:
-        self.lines.append(f"{PROJECT}:{key}: {problem}; {fix}")
+        self.lines.append(f"{pulumi.get_project()}:{key}: {problem}; {fix}")
 
     def raise_if_any(self) -> None:
         if self.lines:
@@ -92,7 +91,7 @@ def pool_stack(cfg: pulumi.Config) -> None:
         problems.add("pool", f"is a {type(raw).__name__}, not an object", POOL_FIX)
     elif raw is not None:
         try:
-            pool_cfg = parse_config(raw, f"{PROJECT}:pool")
+            pool_cfg = parse_config(raw, f"{pulumi.get_project()}:pool")
         except ConfigErrors as exc:
             for line in exc.problems:
                 where, _, what = line.partition(": ")
@@ -227,7 +226,7 @@ def _whole(value: Any) -> Any:
 
 
 def main() -> None:
-    cfg = pulumi.Config(PROJECT)
+    cfg = pulumi.Config()                # the project's namespace, whatever Pulumi.yaml names it
     kind = _text(cfg, "kind")
     if kind == "pool":
         pool_stack(cfg)
