@@ -102,10 +102,18 @@ def pool_stack(cfg: pulumi.Config) -> None:
     except pulumi.ConfigTypeError:
         problems.add("createInstanceRole", "is not a boolean", "set it to true or false")
         create_role = False
+    try:
+        protect = cfg.get_bool("protect")
+    except pulumi.ConfigTypeError:
+        problems.add("protect", "is not a boolean", "set it to true or false")
+        protect = True
     problems.raise_if_any()
     assert pool_cfg is not None
 
-    table = StateTable("table", StateTableArgs(pool=raw))
+    # Protected: deleting the table ends the pool (every instance terminated), so neither a
+    # `destroy` nor a URN change may do it by accident. `protect: false` + `up` first, then destroy.
+    table = StateTable("table", StateTableArgs(pool=raw),
+                       pulumi.ResourceOptions(protect=protect is not False))
     after_table = pulumi.ResourceOptions(depends_on=[table])
     queues = {cls: ResourceClassPool(f"queue-{cls}", ResourceClassPoolArgs(pool=raw, resource_class=cls), after_table)
               for cls in sorted(pool_cfg.resource_classes)}

@@ -52,7 +52,10 @@ def cache_bin() -> Path:
 
 
 def find_tool(name: str) -> str | None:
-    """``name`` from the build cache, else from PATH."""
+    """``name`` from ``$RUNNER_POOL_PULUMI_BIN``, else the build cache, else PATH."""
+    pinned = os.environ.get("RUNNER_POOL_PULUMI_BIN")
+    if pinned:
+        return str(Path(pinned) / name) if (Path(pinned) / name).is_file() else None
     cached = cache_bin() / name
     if cached.is_file() and os.access(cached, os.X_OK):
         return str(cached)
