@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import pytest
+import yaml
 
 from tests.engine.inline import BUILD_HINT, ROOT, cache_bin, find_pulumi
 

@@ -40,6 +40,34 @@ KILL_AFTER_S = 2.5
 STEP_TIMEOUT_S = 300
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (whatever process group it put itself in), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and all its descendants, as the runner ends a cancelled step."""
+    tree = [pid, *descendants(pid)]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
 def job_steps(job: str) -> list[dict[str, Any]]:
     return list(yaml.safe_load(WORKFLOW.read_text())["jobs"][job]["steps"])
 
@@ -95,19 +123,27 @@ def test_a_cancelled_pulumi_up_then_the_example_release_job_leaves_nothing(
              f"run {rid} to have instances in validation", timeout_s=180)
     assert proc.poll() is None, (tmp_path / "provision.log").read_text()
 
+    # The step's tree now: pulumi's provider host must not survive as an orphan that cleans up
+    # after itself: the runner kills the whole tree, so the release job must do the cleaning.
+    tree = descendants(proc.pid)
+    assert any(b"pulumi.dynamic" in Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if Path(f"/proc/{p}").exists())
     proc.send_signal(signal.SIGINT)
     time.sleep(SIGTERM_AFTER_S)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     time.sleep(KILL_AFTER_S)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)          # the runner kills the step's whole tree
-    except ProcessLookupError:
-        pass
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    kill_tree(proc.pid)                              # the runner kills the step's whole tree
     proc.wait(30)
     emu.clear_faults()
     provision_log = (tmp_path / "provision.log").read_text(errors="replace")
     assert proc.returncode != 0, provision_log
+    # What the cancel left: the run's instances out of the pool, which the stack does not know.
+    left = [r for r in store.run_records(pool, rid) if r.state in LIVE_STATES]
 
     # The release job, step by step, as GitHub runs it.
     failed = False
@@ -121,7 +157,8 @@ def test_a_cancelled_pulumi_up_then_the_example_release_job_leaves_nothing(
         if res.returncode != 0 and not step.get("continue-on-error"):
             failed = True
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("release-*.log")))
-    assert not failed, f"the release job failed:\n{provision_log[-3000:]}\n{logs[-6000:]}"
+    left_ids = [(r.instance_id, r.state.value) for r in left]
+    assert not failed, f"the release job failed (the cancel left {left_ids}):\n{provision_log[-3000:]}\n{logs[-6000:]}"
 
     rows = store.all_records(pool)
     assert not [r for r in rows if r.run_id == rid and r.state is not State.TERMINATED], \
