@@ -83,6 +83,16 @@ POOL_FIX = ("set it in Pulumi.<stack>.yaml under `runner-pool:pool:` with the fi
             "(see examples/Pulumi.pool.yaml)")
 
 
+def owner(name: str) -> str:
+    """Who manages a pool resource: ``<org>/<project>/<stack>/<name>``, recorded as its
+    ``runner-pool:owner`` tag. A create refuses a resource another stack -- or another name in this
+    one -- owns, so two stacks naming one pool, or a rename without ``aliases``, fail instead of
+    adopting the pool and then deleting it under the old URN. (The stack name is an input because
+    ``pulumi.get_stack()`` is ``"stack"`` inside the provider host.) Renaming a resource here needs
+    ``pulumi.ResourceOptions(aliases=[pulumi.Alias(name="<old name>")])``."""
+    return f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}/{name}"
+
+
 def pool_stack(cfg: pulumi.Config) -> None:
     problems = Problems()
     raw = _object(cfg, "pool", problems, POOL_FIX)
@@ -112,10 +122,11 @@ def pool_stack(cfg: pulumi.Config) -> None:
 
     # Protected: deleting the table ends the pool (every instance terminated), so neither a
     # `destroy` nor a URN change may do it by accident. `protect: false` + `up` first, then destroy.
-    table = StateTable("table", StateTableArgs(pool=raw),
+    table = StateTable("table", StateTableArgs(pool=raw, owner=owner("table")),
                        pulumi.ResourceOptions(protect=protect is not False))
     after_table = pulumi.ResourceOptions(depends_on=[table])
-    queues = {cls: ResourceClassPool(f"queue-{cls}", ResourceClassPoolArgs(pool=raw, resource_class=cls), after_table)
+    queues = {cls: ResourceClassPool(f"queue-{cls}", ResourceClassPoolArgs(pool=raw, resource_class=cls,
+                                                                          owner=owner(f"queue-{cls}")), after_table)
               for cls in sorted(pool_cfg.resource_classes)}
     template_deps: list[pulumi.Resource] = [table]
     if create_role:
@@ -123,7 +134,7 @@ def pool_stack(cfg: pulumi.Config) -> None:
         template_deps.append(profile)
         pulumi.export("instanceRoleArn", role.arn)
         pulumi.export("instanceProfileName", profile.name)
-    template = LaunchTemplate("launch-template", LaunchTemplateArgs(pool=raw),
+    template = LaunchTemplate("launch-template", LaunchTemplateArgs(pool=raw, owner=owner("launch-template")),
                               pulumi.ResourceOptions(depends_on=template_deps))
     tokens = RegistrationToken("runner-tokens", RegistrationTokenArgs(pool=raw), after_table)
 

@@ -51,8 +51,11 @@ def set_table_owner(cfg: PoolConfig, owner: str) -> None:
     arn = _table_arn(cfg)
     if arn is None:
         raise aws.AwsError(f"table {cfg.table_name} does not exist")
+    ddb = aws.client("dynamodb", cfg.region)
     try:
-        aws.client("dynamodb", cfg.region).tag_resource(ResourceArn=arn, Tags=[{"Key": OWNER_TAG, "Value": owner}])
+        # Untag first: the emulator (moto) appends a tag of an existing key instead of replacing it.
+        ddb.untag_resource(ResourceArn=arn, TagKeys=[OWNER_TAG])
+        ddb.tag_resource(ResourceArn=arn, Tags=[{"Key": OWNER_TAG, "Value": owner}])
     except ClientError as exc:
         raise aws.wrap(exc, "dynamodb:TagResource") from exc
 

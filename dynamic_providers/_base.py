@@ -233,11 +233,19 @@ class PoolResourceProvider(ResourceProvider):
             replaces.append("pool")
         if replaces:
             return DiffResult(changes=True, replaces=replaces, delete_before_replace=False)
-        return DiffResult(changes=self.needs_update(olds, news), replaces=[])
+        # A new owner (the resource renamed with `aliases`, or first seen by this version) re-tags in place.
+        return DiffResult(changes=bool(changed(olds, news, ("owner",))) or self.needs_update(olds, news),
+                          replaces=[])
 
     def needs_update(self, olds: Mapping[str, Any], news: Mapping[str, Any]) -> bool:
         """Whether an in-place update is due; default: the parsed config changed."""
         return not same_config(olds.get("pool"), news.get("pool"))
+
+
+def owner_of(props: Mapping[str, Any]) -> str | None:
+    """The ``owner`` input (``<org>/<project>/<stack>/<name>``), or None when the caller gave none."""
+    value = props.get("owner")
+    return value if isinstance(value, str) and value else None
 
 
 def same_config(old: Any, new: Any) -> bool:
