@@ -11,11 +11,13 @@ is adopted and tagged. The CLI never reads or writes the tag.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from botocore.exceptions import ClientError
 
 from controlplane import aws
 from controlplane.config import PoolConfig
-from controlplane.errors import RunnerPoolError
+from controlplane.errors import AwsError, RunnerPoolError
 
 OWNER_TAG = "runner-pool:owner"
 
@@ -50,7 +52,7 @@ def table_owner(cfg: PoolConfig) -> str | None:
 def set_table_owner(cfg: PoolConfig, owner: str) -> None:
     arn = _table_arn(cfg)
     if arn is None:
-        raise aws.AwsError(f"table {cfg.table_name} does not exist")
+        raise AwsError(f"table {cfg.table_name} does not exist")
     ddb = aws.client("dynamodb", cfg.region)
     try:
         # Untag first: the emulator (moto) appends a tag of an existing key instead of replacing it.
@@ -80,7 +82,8 @@ def queue_owner(cfg: PoolConfig, resource_class: str) -> str | None:
         tags = aws.client("sqs", cfg.region).list_queue_tags(QueueUrl=url).get("Tags", {})
     except ClientError as exc:
         raise aws.wrap(exc, "sqs:ListQueueTags") from exc
-    return tags.get(OWNER_TAG)
+    value = tags.get(OWNER_TAG)
+    return str(value) if value is not None else None
 
 
 def set_queue_owner(cfg: PoolConfig, resource_class: str, owner: str) -> None:
@@ -88,7 +91,7 @@ def set_queue_owner(cfg: PoolConfig, resource_class: str, owner: str) -> None:
     for name in (cfg.queue_name(resource_class), cfg.dlq_name(resource_class)):
         url = _queue_url(cfg, name)
         if url is None:
-            raise aws.AwsError(f"queue {name} does not exist")
+            raise AwsError(f"queue {name} does not exist")
         try:
             sqs.tag_queue(QueueUrl=url, Tags={OWNER_TAG: owner})
         except ClientError as exc:
@@ -98,7 +101,7 @@ def set_queue_owner(cfg: PoolConfig, resource_class: str, owner: str) -> None:
 # ---------------------------------------------------------------- launch template
 
 
-def _template(cfg: PoolConfig) -> dict[str, object] | None:
+def _template(cfg: PoolConfig) -> dict[str, Any] | None:
     try:
         lts = aws.client("ec2", cfg.region).describe_launch_templates(
             Filters=[{"Name": "launch-template-name", "Values": [cfg.launch_template_name]}])["LaunchTemplates"]
@@ -110,13 +113,13 @@ def _template(cfg: PoolConfig) -> dict[str, object] | None:
 def template_owner(cfg: PoolConfig) -> str | None:
     lt = _template(cfg)
     tags = (lt or {}).get("Tags") or []
-    return next((str(t["Value"]) for t in tags if t["Key"] == OWNER_TAG), None)  # type: ignore[union-attr]
+    return next((str(t["Value"]) for t in tags if t["Key"] == OWNER_TAG), None)
 
 
 def set_template_owner(cfg: PoolConfig, owner: str) -> None:
     lt = _template(cfg)
     if lt is None:
-        raise aws.AwsError(f"launch template {cfg.launch_template_name} does not exist")
+        raise AwsError(f"launch template {cfg.launch_template_name} does not exist")
     try:
         aws.client("ec2", cfg.region).create_tags(Resources=[str(lt["LaunchTemplateId"])],
                                                   Tags=[{"Key": OWNER_TAG, "Value": owner}])

@@ -22,6 +22,7 @@ the CLI's (``128 + n`` when a signal ``n`` ended it).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -29,13 +30,25 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
+
+_STARTED = time.time()
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / ".ci" / "build-pulumi"
 BUILD_HINT = "bash .ci/build-pulumi"
 RUNS_PROGRAM = ("up", "update", "preview")
+
+
+def mark(name: str, at: float | None = None) -> None:
+    """With ``$RUNNER_POOL_INLINE_TIMING`` set (bench/pulumi_engine.py), append ``{mark, t}`` to that file."""
+    path = os.environ.get("RUNNER_POOL_INLINE_TIMING")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"mark": name, "t": time.time() if at is None else at}) + "\n")
 
 
 def cli_version() -> str:
@@ -78,11 +91,20 @@ def serve_program(program_file: Path) -> tuple[object, int]:
     from pulumi.runtime.proto import language_pb2_grpc
 
     def program() -> None:
+        mark("program_start")
         runpy.run_path(str(program_file), run_name="__main__")
+        mark("program_end")
+
+    class TimedLanguageServer(LanguageServer):
+        def Run(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+            try:
+                return super().Run(request, context)
+            finally:
+                mark("run_end")          # every registration resolved: the engine has its steps' results
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                          options=[("grpc.max_receive_message_length", 400 * 1024 * 1024)])
-    language_pb2_grpc.add_LanguageRuntimeServicer_to_server(LanguageServer(program), server)
+    language_pb2_grpc.add_LanguageRuntimeServicer_to_server(TimedLanguageServer(program), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
@@ -99,6 +121,8 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, os.getcwd())             # as the language host: the project dir is importable
         server, port = serve_program(Path.cwd() / "__main__.py")
         cmd += [f"--client=127.0.0.1:{port}", "--exec-kind", "auto.inline"]
+    mark("wrapper_start", _STARTED)
+    mark("cli_spawn")
     proc = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: object) -> None:
@@ -109,6 +133,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     try:
         code = proc.wait()
+        mark("cli_exit")
     finally:
         if server is not None:
             server.stop(0)          # type: ignore[attr-defined]
