@@ -96,7 +96,7 @@ def serve_program(program_file: Path) -> tuple[object, int]:
         mark("program_end")
 
     class TimedLanguageServer(LanguageServer):
-        def Run(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        def Run(self, request: Any, context: Any) -> Any:
             try:
                 return super().Run(request, context)
             finally:
