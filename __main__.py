@@ -43,7 +43,6 @@ from dynamic_providers import (
 )
 from dynamic_providers.runner_fleet import MAX_COUNT, REGION_RE, RUN_ID_RE
 
-PROJECT = "runner-pool"
 KINDS = ("pool", "run")
 
 
@@ -54,7 +53,7 @@ class Problems:
         self.lines: list[str] = []
 
     def add(self, key: str, problem: str, fix: str) -> None:
-        self.lines.append(f"{PROJECT}:{key}: {problem}; {fix}")
+        self.lines.append(f"{pulumi.get_project()}:{key}: {problem}; {fix}")
 
     def raise_if_any(self) -> None:
         if self.lines:
@@ -84,6 +83,16 @@ POOL_FIX = ("set it in Pulumi.<stack>.yaml under `runner-pool:pool:` with the fi
             "(see examples/Pulumi.pool.yaml)")
 
 
+def owner(name: str) -> str:
+    """Who manages a pool resource: ``<org>/<project>/<stack>/<name>``, recorded as its
+    ``runner-pool:owner`` tag. A create refuses a resource another stack -- or another name in this
+    one -- owns, so two stacks naming one pool, or a rename without ``aliases``, fail instead of
+    adopting the pool and then deleting it under the old URN. (The stack name is an input because
+    ``pulumi.get_stack()`` is ``"stack"`` inside the provider host.) Renaming a resource here needs
+    ``pulumi.ResourceOptions(aliases=[pulumi.Alias(name="<old name>")])``."""
+    return f"{pulumi.get_organization()}/{pulumi.get_project()}/{pulumi.get_stack()}/{name}"
+
+
 def pool_stack(cfg: pulumi.Config) -> None:
     problems = Problems()
     raw = _object(cfg, "pool", problems, POOL_FIX)
@@ -92,7 +101,7 @@ def pool_stack(cfg: pulumi.Config) -> None:
         problems.add("pool", f"is a {type(raw).__name__}, not an object", POOL_FIX)
     elif raw is not None:
         try:
-            pool_cfg = parse_config(raw, f"{PROJECT}:pool")
+            pool_cfg = parse_config(raw, f"{pulumi.get_project()}:pool")
         except ConfigErrors as exc:
             for line in exc.problems:
                 where, _, what = line.partition(": ")
@@ -103,12 +112,21 @@ def pool_stack(cfg: pulumi.Config) -> None:
     except pulumi.ConfigTypeError:
         problems.add("createInstanceRole", "is not a boolean", "set it to true or false")
         create_role = False
+    try:
+        protect = cfg.get_bool("protect")
+    except pulumi.ConfigTypeError:
+        problems.add("protect", "is not a boolean", "set it to true or false")
+        protect = True
     problems.raise_if_any()
     assert pool_cfg is not None
 
-    table = StateTable("table", StateTableArgs(pool=raw))
+    # Protected: deleting the table ends the pool (every instance terminated), so neither a
+    # `destroy` nor a URN change may do it by accident. `protect: false` + `up` first, then destroy.
+    table = StateTable("table", StateTableArgs(pool=raw, owner=owner("table")),
+                       pulumi.ResourceOptions(protect=protect is not False))
     after_table = pulumi.ResourceOptions(depends_on=[table])
-    queues = {cls: ResourceClassPool(f"queue-{cls}", ResourceClassPoolArgs(pool=raw, resource_class=cls), after_table)
+    queues = {cls: ResourceClassPool(f"queue-{cls}", ResourceClassPoolArgs(pool=raw, resource_class=cls,
+                                                                          owner=owner(f"queue-{cls}")), after_table)
               for cls in sorted(pool_cfg.resource_classes)}
     template_deps: list[pulumi.Resource] = [table]
     if create_role:
@@ -116,7 +134,7 @@ def pool_stack(cfg: pulumi.Config) -> None:
         template_deps.append(profile)
         pulumi.export("instanceRoleArn", role.arn)
         pulumi.export("instanceProfileName", profile.name)
-    template = LaunchTemplate("launch-template", LaunchTemplateArgs(pool=raw),
+    template = LaunchTemplate("launch-template", LaunchTemplateArgs(pool=raw, owner=owner("launch-template")),
                               pulumi.ResourceOptions(depends_on=template_deps))
     tokens = RegistrationToken("runner-tokens", RegistrationTokenArgs(pool=raw), after_table)
 
@@ -227,7 +245,7 @@ def _whole(value: Any) -> Any:
 
 
 def main() -> None:
-    cfg = pulumi.Config(PROJECT)
+    cfg = pulumi.Config()                # the project's namespace, whatever Pulumi.yaml names it
     kind = _text(cfg, "kind")
     if kind == "pool":
         pool_stack(cfg)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,10 +46,23 @@ from pulumi.dynamic import CheckFailure, CheckResult, DiffResult, ResourceProvid
 from pulumi.output import Unknown
 from pulumi.runtime.rpc import UNKNOWN as UNKNOWN_WIRE  # an unknown value as the engine sends it
 
+from controlplane import logs
 from controlplane.config import PoolConfig, parse_config, with_env_overrides
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
 
 PROVIDER_KEY = "__provider"
+
+
+def _in_provider_host() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and str(spec.name).startswith("pulumi.dynamic")
+
+
+# Inside the provider host (``python -m pulumi.dynamic``) nothing else sets up logging: configure it as
+# the CLI does, so every operation's structured line (run id, instance ids) reaches stderr, which
+# ``pulumi`` shows. ``RUNNER_POOL_LOG_LEVEL`` / ``RUNNER_POOL_LOG_FORMAT`` apply as for the CLI.
+if _in_provider_host():
+    logs.configure()
 
 
 class ProviderError(Exception):
@@ -233,11 +247,19 @@ class PoolResourceProvider(ResourceProvider):
             replaces.append("pool")
         if replaces:
             return DiffResult(changes=True, replaces=replaces, delete_before_replace=False)
-        return DiffResult(changes=self.needs_update(olds, news), replaces=[])
+        # A new owner (the resource renamed with `aliases`, or first seen by this version) re-tags in place.
+        return DiffResult(changes=bool(changed(olds, news, ("owner",))) or self.needs_update(olds, news),
+                          replaces=[])
 
     def needs_update(self, olds: Mapping[str, Any], news: Mapping[str, Any]) -> bool:
         """Whether an in-place update is due; default: the parsed config changed."""
         return not same_config(olds.get("pool"), news.get("pool"))
+
+
+def owner_of(props: Mapping[str, Any]) -> str | None:
+    """The ``owner`` input (``<org>/<project>/<stack>/<name>``), or None when the caller gave none."""
+    value = props.get("owner")
+    return value if isinstance(value, str) and value else None
 
 
 def same_config(old: Any, new: Any) -> bool:

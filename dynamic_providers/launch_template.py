@@ -27,6 +27,7 @@ import pulumi.dynamic
 from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, UpdateResult
 
 from controlplane import launch_template as lt
+from controlplane import ownership
 from controlplane.config import PoolConfig
 from controlplane.errors import RunnerPoolError
 from dynamic_providers import _base
@@ -53,13 +54,22 @@ class LaunchTemplateProvider(_base.PoolResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         with _base.mapped_errors("launch template"):
             cfg = _base.pool_config(props["pool"])
+            owner = _base.owner_of(props)
+            if owner:
+                ownership.refuse_if_owned_elsewhere(f"launch template {cfg.launch_template_name}",
+                                                    ownership.template_owner(cfg), owner)
             state = lt.ensure(cfg)
+            if owner:
+                ownership.set_template_owner(cfg, owner)
         return CreateResult(state.template_id, self._outs(props, cfg, state))
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         with _base.mapped_errors("launch template"):
             cfg = _base.pool_config(news["pool"])
             state = lt.ensure(cfg)
+            owner = _base.owner_of(news)
+            if owner:
+                ownership.set_template_owner(cfg, owner)
         return UpdateResult(self._outs(news, cfg, state))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -88,8 +98,9 @@ class LaunchTemplateProvider(_base.PoolResourceProvider):
 class LaunchTemplateArgs:
     """Inputs of :class:`LaunchTemplate`."""
 
-    def __init__(self, pool: pulumi.Input[dict[str, Any]]) -> None:
+    def __init__(self, pool: pulumi.Input[dict[str, Any]], owner: pulumi.Input[str] | None = None) -> None:
         self.pool = pool
+        self.owner = owner
 
 
 class LaunchTemplate(pulumi.dynamic.Resource, module="runnerpool", name="LaunchTemplate"):
@@ -101,7 +112,7 @@ class LaunchTemplate(pulumi.dynamic.Resource, module="runnerpool", name="LaunchT
 
     def __init__(self, name: str, args: LaunchTemplateArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(LaunchTemplateProvider(), name, {
-            "pool": args.pool,
+            "pool": args.pool, "owner": args.owner,
             "launchTemplateId": None, "launchTemplateName": None, "version": None, "latestVersion": None,
             "renderHash": None,
         }, opts)

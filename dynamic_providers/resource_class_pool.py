@@ -23,6 +23,7 @@ import pulumi
 import pulumi.dynamic
 from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, UpdateResult
 
+from controlplane import ownership
 from controlplane import pool as pool_q
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigError
@@ -55,12 +56,22 @@ class ResourceClassPoolProvider(_base.PoolResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         with _base.mapped_errors(f"queues of class {props.get('resourceClass')}"):
             cfg = _base.pool_config(props["pool"])
+            owner = _base.owner_of(props)
+            if owner:
+                ownership.refuse_if_owned_elsewhere(f"queue {cfg.queue_name(props['resourceClass'])}",
+                                                    ownership.queue_owner(cfg, props["resourceClass"]), owner)
             outs = ensure_class_queues(cfg, props["resourceClass"])
+            if owner:
+                ownership.set_queue_owner(cfg, props["resourceClass"], owner)
         return CreateResult(outs["queueUrl"], _base.outputs(props, **outs))
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         with _base.mapped_errors(f"queues of class {news.get('resourceClass')}"):
-            outs = ensure_class_queues(_base.pool_config(news["pool"]), news["resourceClass"])
+            cfg = _base.pool_config(news["pool"])
+            outs = ensure_class_queues(cfg, news["resourceClass"])
+            owner = _base.owner_of(news)
+            if owner:
+                ownership.set_queue_owner(cfg, news["resourceClass"], owner)
         return UpdateResult(_base.outputs(news, **outs))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -84,9 +95,11 @@ class ResourceClassPoolProvider(_base.PoolResourceProvider):
 class ResourceClassPoolArgs:
     """Inputs of :class:`ResourceClassPool`."""
 
-    def __init__(self, pool: pulumi.Input[dict[str, Any]], resource_class: pulumi.Input[str]) -> None:
+    def __init__(self, pool: pulumi.Input[dict[str, Any]], resource_class: pulumi.Input[str],
+                 owner: pulumi.Input[str] | None = None) -> None:
         self.pool = pool
         self.resource_class = resource_class
+        self.owner = owner
 
 
 class ResourceClassPool(pulumi.dynamic.Resource, module="runnerpool", name="ResourceClassPool"):
@@ -97,6 +110,6 @@ class ResourceClassPool(pulumi.dynamic.Resource, module="runnerpool", name="Reso
 
     def __init__(self, name: str, args: ResourceClassPoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(ResourceClassPoolProvider(), name, {
-            "pool": args.pool, "resourceClass": args.resource_class,
+            "pool": args.pool, "resourceClass": args.resource_class, "owner": args.owner,
             "queueUrl": None, "queueName": None, "dlqUrl": None, "dlqName": None,
         }, opts)

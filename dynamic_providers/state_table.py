@@ -26,7 +26,7 @@ import pulumi
 import pulumi.dynamic
 from pulumi.dynamic import CreateResult, ReadResult, UpdateResult
 
-from controlplane import aws, store
+from controlplane import aws, ownership, store
 from controlplane.apply import pool_instance_ids, terminate_instances
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigError
@@ -66,12 +66,20 @@ class StateTableProvider(_base.PoolResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         with _base.mapped_errors("state table"):
             cfg = _base.pool_config(props["pool"])
+            owner = _base.owner_of(props)
+            if owner:
+                ownership.refuse_if_owned_elsewhere(f"table {cfg.table_name}", ownership.table_owner(cfg), owner)
             pool = ensure_pool_table(cfg)
+            if owner:
+                ownership.set_table_owner(cfg, owner)
         return CreateResult(cfg.table_name, self._outs(props, pool))
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         with _base.mapped_errors("state table"):
             pool = ensure_pool_table(_base.pool_config(news["pool"]))
+            owner = _base.owner_of(news)
+            if owner:
+                ownership.set_table_owner(pool.config, owner)
         return UpdateResult(self._outs(news, pool))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -95,8 +103,9 @@ class StateTableProvider(_base.PoolResourceProvider):
 class StateTableArgs:
     """Inputs of :class:`StateTable`."""
 
-    def __init__(self, pool: pulumi.Input[dict[str, Any]]) -> None:
+    def __init__(self, pool: pulumi.Input[dict[str, Any]], owner: pulumi.Input[str] | None = None) -> None:
         self.pool = pool
+        self.owner = owner                   # <org>/<project>/<stack>/<name>: a create refuses another's table
 
 
 class StateTable(pulumi.dynamic.Resource, module="runnerpool", name="StateTable"):
@@ -109,7 +118,7 @@ class StateTable(pulumi.dynamic.Resource, module="runnerpool", name="StateTable"
 
     def __init__(self, name: str, args: StateTableArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(StateTableProvider(), name, {
-            "pool": args.pool,
+            "pool": args.pool, "owner": args.owner,
             "tableName": None, "tableArn": None, "account": None, "partition": None, "region": None,
             "poolName": None,
         }, opts)

@@ -1,107 +1,179 @@
-"""The real CLI: ``pulumi up`` / ``stack output`` / ``destroy`` of both stack kinds.
+"""The real ``pulumi`` CLI on a pool stack and run stacks, against the embedded default.
 
-Runs where the ``pulumi`` CLI is on PATH (its Python language host and
-``pulumi-resource-pulumi-python`` next to it or on PATH), against a local
-file backend and the embedded default, with no network: the program has only
-dynamic resources (``createInstanceRole`` stays false, so no pulumi-aws
-plugin is needed). The project files are copied to a temporary directory so
-the stack files ``pulumi`` writes never land in the repository;
-``PYTHONPATH`` points the program and the provider host at the repository's
-packages, as ``pip install -e .`` would.
+The CLI is the one ``.ci/build-pulumi`` builds from Go modules (found in its
+cache directory, else on PATH); the program runs through the Automation
+API's inline path (:mod:`tests.engine.inline`). State is a file backend in a
+temporary directory, secrets use a passphrase, ``PULUMI_HOME`` is isolated
+and no plugin is ever downloaded. Everything a user would check is asserted:
+the command's exit code and what it printed, the state table, EC2, the
+queues, runners on the GitHub stand-in, the stack's checkpoint.
+
+The tests of this module run in order on one pool stack (one worker runs a
+file under ``--dist loadfile``): preview, up, a second up, a config change,
+refresh, run stacks, then destroy.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
+import re
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import yaml
 
-from controlplane import store
-from controlplane.config import parse_config
-from tests.conftest import ROOT, Emu, pool_config_dict
+from controlplane import aws, store
+from controlplane import pool as pool_q
+from controlplane.apply import pool_instance_ids
+from controlplane.config import PoolConfig, parse_config
+from controlplane.records import LIVE_STATES, State
+from tests.conftest import Emu, pool_config_dict, wait_for
+from tests.engine.project import Project, require_cli
+from tests.reliability.invariants import online
 
-pytestmark = [
-    pytest.mark.cli,
-    pytest.mark.skipif(shutil.which("pulumi") is None, reason="pulumi CLI not on PATH"),
-    pytest.mark.timeout(600),
-]
-
-
-class Project:
-    """A copy of the project in a temporary directory, with an offline file backend."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "project"
-        self.dir.mkdir()
-        for name in ("Pulumi.yaml", "__main__.py"):
-            shutil.copy(ROOT / name, self.dir / name)
-        (tmp / "state").mkdir()
-        self.env = {
-            **os.environ,
-            "PULUMI_BACKEND_URL": f"file://{tmp / 'state'}",
-            "PULUMI_HOME": str(tmp / "pulumi-home"),
-            "PULUMI_CONFIG_PASSPHRASE": "engine-test",
-            "PULUMI_SKIP_UPDATE_CHECK": "true",
-            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
-            "PULUMI_PYTHON_CMD": sys.executable,
-            "PYTHONPATH": str(ROOT),
-        }
-
-    def pulumi(self, *args: str, stack: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = ["pulumi", *args, "--non-interactive"] + (["--stack", stack] if stack else [])
-        res = subprocess.run(cmd, cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=540,
-                             check=False)
-        if check and res.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
-        return res
-
-    def new_stack(self, name: str, config: dict[str, Any]) -> None:
-        """``stack init``, then the config written into the stack file (objects included)."""
-        self.pulumi("stack", "init", name)
-        path = self.dir / f"Pulumi.{name}.yaml"
-        doc = yaml.safe_load(path.read_text()) if path.exists() else {}
-        doc = doc or {}
-        doc["config"] = {f"runner-pool:{k}": v for k, v in config.items()}
-        path.write_text(yaml.safe_dump(doc))
-
-    def outputs(self, stack: str) -> dict[str, Any]:
-        return dict(json.loads(self.pulumi("stack", "output", "--json", stack=stack).stdout))
+pytestmark = [pytest.mark.cli, pytest.mark.timeout(900)]
 
 
-def test_pool_stack_and_run_stack_up_output_destroy(local: dict[str, Any], emu: Emu, tmp_path: Path) -> None:
-    project = Project(tmp_path)
+@dataclass
+class PoolStack:
+    project: Project
+    name: str
+    pool: dict[str, Any]
+    access_key: str                       # the CLI signs with a key of its own: its requests count apart
+
+    @property
+    def cfg(self) -> PoolConfig:
+        return parse_config(self.pool)
+
+    @property
+    def ref(self) -> str:
+        return f"organization/runner-pool/{self.name}"
+
+
+def table_created_at(cfg: PoolConfig) -> Any:
+    return aws.client("dynamodb", cfg.region).describe_table(TableName=cfg.table_name)["Table"]["CreationDateTime"]
+
+
+def live_rows(cfg: PoolConfig) -> list[Any]:
+    if not store.table_exists(cfg):
+        return []
+    return [r for r in store.all_records(store.load_pool(cfg.name, cfg.region)) if r.state in LIVE_STATES]
+
+
+@pytest.fixture(scope="module")
+def stack(local: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolStack]:
+    require_cli()
+    key = f"AKIDPULUMI{uuid.uuid4().hex[:10].upper()}"
+    project = Project(tmp_path_factory.mktemp("pulumi-cli"), env={"AWS_ACCESS_KEY_ID": key})
     pool = pool_config_dict(local)
-    pool_stack, run_stack = f"pool-{pool['name']}", f"run-{uuid.uuid4().hex[:8]}"
+    s = PoolStack(project, f"pool-{pool['name']}", pool, key)
+    project.new_stack(s.name, {"kind": "pool", "pool": pool})
+    yield s
+    # Whatever a failed test left: unprotect, destroy (the pool's end terminates its instances).
+    project.pulumi("state", "unprotect", "--all", "--yes", stack=s.name, check=False)
+    project.pulumi("destroy", "--yes", "--skip-preview", stack=s.name, check=False)
+
+
+def test_preview_of_a_new_pool_stack_lists_six_creates_and_changes_nothing_in_aws(stack: PoolStack, emu: Emu) -> None:
+    before = emu.requests(access_key=stack.access_key)
+    res = stack.project.pulumi("preview", stack=stack.name)
+    assert "+ 6 to create" in res.stdout, res.stdout
+    after = emu.requests(access_key=stack.access_key)
+    assert after["mutations"] == before["mutations"], after["counts"]
+    assert not store.table_exists(stack.cfg)
+    assert pool_q.pool_queues(stack.cfg) == {}
+
+
+def test_up_creates_the_pool_and_a_second_up_reports_no_changes(stack: PoolStack) -> None:
+    res = stack.project.pulumi("up", "--yes", "--skip-preview", stack=stack.name)
+    assert "+ 6 created" in res.stdout, res.stdout
+    out = stack.project.outputs(stack.name)
+    assert out["poolName"] == stack.pool["name"] and out["tableName"] == f"runner-pool-{stack.pool['name']}"
+    assert sorted(out["queueUrls"]) == ["large", "small"] and out["launchTemplateVersion"] == 1
+    assert store.load_pool(stack.pool["name"], stack.pool["region"]).config.idle_time_s == stack.pool["idle_time_s"]
+    assert sorted(pool_q.pool_queues(stack.cfg)) == ["large", "small"]
+
+    again = stack.project.pulumi("up", "--yes", "--skip-preview", stack=stack.name)
+    assert "6 unchanged" in again.stdout and not re.search(r"[+~-] \d+ (created|updated|deleted|replaced)",
+                                                             again.stdout), again.stdout
+
+
+def test_a_new_class_and_idle_time_update_the_table_in_place_and_add_one_queue(stack: PoolStack) -> None:
+    created_at = table_created_at(stack.cfg)
+    classes = {**stack.pool["resource_classes"], "medium": {"vcpu": {"min": 4, "max": 4}, "memory_mib": {"min": 8192}}}
+    stack.pool = {**stack.pool, "resource_classes": classes, "idle_time_s": 240}
+    stack.project.set_config(stack.name, {"kind": "pool", "pool": stack.pool})
+    res = stack.project.pulumi("up", "--yes", "--skip-preview", stack=stack.name)
+    assert "+ 1 created" in res.stdout and "replaced" not in res.stdout, res.stdout
+    assert re.search(r"~ [12] updated", res.stdout), res.stdout
+    assert table_created_at(stack.cfg) == created_at                      # the same table, not a new one
+    assert sorted(pool_q.pool_queues(stack.cfg)) == ["large", "medium", "small"]
+    assert store.load_pool(stack.cfg.name, stack.cfg.region).config.idle_time_s == 240
+    assert sorted(stack.project.outputs(stack.name)["queueUrls"]) == ["large", "medium", "small"]
+
+
+def test_refresh_of_a_converged_pool_is_clean(stack: PoolStack) -> None:
+    res = stack.project.pulumi("refresh", "--yes", "--skip-preview", stack=stack.name)
+    assert not re.search(r"(updated|deleted|replaced)", res.stdout.split("Resources:")[-1]), res.stdout
+    assert "--expect-no-changes" not in res.stderr
+    stack.project.pulumi("preview", "--expect-no-changes", stack=stack.name)
+
+
+def test_an_unsatisfiable_run_stack_exits_non_zero_and_leaves_nothing(stack: PoolStack, emu: Emu) -> None:
+    rid = f"cli-fail-{uuid.uuid4().hex[:8]}"
+    name = f"run-{rid}"
+    stack.project.new_stack(name, {"kind": "run", "poolStack": stack.ref, "runId": rid, "resourceClass": "small",
+                                   "count": 2})
+    emu.behaviour(match={"pool": stack.cfg.name}, registration="fail")     # no runner ever registers
+    res = stack.project.pulumi("up", "--yes", "--skip-preview", stack=name, check=False)
+    emu.clear_faults()
+    assert res.returncode != 0, res.stdout
+    assert f"provision of run {rid} failed" in res.stdout, res.stdout
+    assert stack.project.resources(name) == []                            # no fleet in the stack
+    assert stack.project.pending(name) == []
+    assert store.run_records(store.load_pool(stack.cfg.name, stack.cfg.region), rid) == []
+    wait_for(lambda: not pool_instance_ids(stack.cfg), "the rolled-back instances to terminate")
+    assert not online(emu, rid)
+    stack.project.pulumi("destroy", "--yes", "--skip-preview", stack=name)   # the stack itself and its reference
+    stack.project.pulumi("stack", "rm", "--yes", stack=name)
+
+
+def test_a_run_stack_on_the_pool_stack_gives_label_and_instances_and_destroy_returns_them(
+        stack: PoolStack, emu: Emu) -> None:
     rid = f"cli-{uuid.uuid4().hex[:8]}"
+    name = f"run-{rid}"
+    stack.project.new_stack(name, {"kind": "run", "poolStack": stack.ref, "runId": rid, "resourceClass": "small",
+                                   "count": 2})
+    stack.project.pulumi("up", "--yes", "--skip-preview", stack=name)
+    out = stack.project.outputs(name)
+    assert out["label"] == rid and out["count"] == 2 and len(out["instanceIds"]) == 2
+    assert sorted(r["name"].rsplit("-", 1)[0] for r in online(emu, rid)) == sorted(out["instanceIds"])
+    pool = store.load_pool(stack.cfg.name, stack.cfg.region)
+    assert {r.instance_id for r in store.run_records(pool, rid)} == set(out["instanceIds"])
 
-    project.new_stack(pool_stack, {"kind": "pool", "pool": pool})
-    try:
-        project.pulumi("up", "--yes", "--skip-preview", stack=pool_stack)
-        out = project.outputs(pool_stack)
-        assert out["poolName"] == pool["name"] and out["tableName"] == f"runner-pool-{pool['name']}"
-        assert sorted(out["queueUrls"]) == ["large", "small"] and out["launchTemplateVersion"] == 1
-        assert store.load_pool(pool["name"], pool["region"]).name == pool["name"]
+    stack.project.pulumi("destroy", "--yes", "--skip-preview", stack=name)
+    rows = {r.instance_id: r for r in store.all_records(pool)}
+    assert all(rows[i].state is State.IDLE and rows[i].run_id is None for i in out["instanceIds"])
+    wait_for(lambda: not online(emu, rid), f"the runners of {rid} to leave GitHub")
+    assert stack.project.resources(name) == []
+    stack.project.pulumi("stack", "rm", "--yes", stack=name)
 
-        project.new_stack(run_stack, {"kind": "run", "poolName": pool["name"], "region": pool["region"],
-                                      "runId": rid, "resourceClass": "small", "count": 2})
-        project.pulumi("up", "--yes", "--skip-preview", stack=run_stack)
-        run_out = project.outputs(run_stack)
-        assert run_out["label"] == rid and run_out["count"] == 2 and len(run_out["instanceIds"]) == 2
-        online = [r for r in emu.runners() if rid in [lb["name"] for lb in r["labels"]] and r["status"] == "online"]
-        assert len(online) == 2
 
-        project.pulumi("destroy", "--yes", "--skip-preview", stack=run_stack)
-        p = store.load_pool(pool["name"], pool["region"])
-        assert {r.state.value for r in store.all_records(p)} == {"idle"}
-        project.pulumi("stack", "rm", "--yes", stack=run_stack)
-    finally:
-        project.pulumi("destroy", "--yes", "--skip-preview", stack=pool_stack, check=False)
-    assert not store.table_exists(parse_config(pool))
-    project.pulumi("stack", "rm", "--yes", stack=pool_stack)
+def test_destroy_is_refused_while_the_table_is_protected_and_then_removes_everything_table_last(
+        stack: PoolStack, emu: Emu) -> None:
+    assert live_rows(stack.cfg), "the pool should hold the runners the run stack gave back"
+    refused = stack.project.pulumi("destroy", "--yes", "--skip-preview", stack=stack.name, check=False)
+    assert refused.returncode != 0 and "protect" in (refused.stdout + refused.stderr)
+    assert store.table_exists(stack.cfg) and pool_instance_ids(stack.cfg)
+
+    stack.project.set_config(stack.name, {"kind": "pool", "pool": stack.pool, "protect": False})
+    stack.project.pulumi("up", "--yes", "--skip-preview", stack=stack.name)
+    res = stack.project.pulumi("destroy", "--yes", "--skip-preview", stack=stack.name)
+    lines = [ln for ln in res.stdout.splitlines() if " deleted" in ln and "pulumi-python:dynamic" in ln]
+    assert len(lines) == 6 and "StateTable" in lines[-1], res.stdout          # 3 queues, template, token, table
+    assert not store.table_exists(stack.cfg)
+    assert pool_q.pool_queues(stack.cfg) == {}
+    assert pool_instance_ids(stack.cfg) == []
+    wait_for(lambda: not [r for r in emu.runners() if stack.cfg.pool_label in [lb["name"] for lb in r["labels"]]],
+             "the pool's runners to leave GitHub")
+    assert stack.project.resources(stack.name) == []

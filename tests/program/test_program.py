@@ -321,17 +321,47 @@ def test_example_workflow_provisions_runs_on_the_label_and_always_releases() -> 
     wf = yaml.safe_load((ROOT / "examples" / "workflow.yml").read_text())
     jobs = wf["jobs"]
     provision = "\n".join(s.get("run", "") for s in jobs["provision"]["steps"])
-    for command in ("pulumi stack select --create", "pulumi config set runId", "pulumi up --yes",
+    for command in ("pulumi stack select --create", "pulumi config set runId", "exec pulumi up --yes",
                     'echo "label=$(pulumi stack output label)" >> "$GITHUB_OUTPUT"'):
         assert command in provision
-    assert jobs["provision"]["outputs"]["label"] == "${{ steps.up.outputs.label }}"
+    assert jobs["provision"]["outputs"]["label"] == "${{ steps.label.outputs.label }}"
     work = [j for n, j in jobs.items() if n not in ("provision", "release")]
     assert work and all(j["runs-on"] == "${{ needs.provision.outputs.label }}" for j in work)
     release = jobs["release"]
     assert release["if"] == "always()" and set(release["needs"]) >= {"provision", *(n for n in jobs if n not in (
         "provision", "release"))}
     script = "\n".join(s.get("run", "") for s in release["steps"])
-    assert "pulumi destroy --yes" in script and "pulumi stack rm --yes" in script
+    for command in ("pulumi cancel --yes", "--clear-pending-creates", "pulumi destroy --yes", "--remove",
+                    'runner-pool release --pool "$pool" --region "$region" --run-id "$RUN_ID"'):
+        assert command in script
+
+
+def test_only_the_provision_and_release_jobs_get_secrets_and_an_oidc_token() -> None:
+    text = (ROOT / "examples" / "workflow.yml").read_text()
+    wf = yaml.safe_load(text)
+    assert wf["permissions"] == {}
+    assert "secrets." not in yaml.safe_dump(wf["env"])          # nothing secret workflow-wide
+    for name, job in wf["jobs"].items():
+        body = yaml.safe_dump(job)
+        if name in ("provision", "release"):
+            assert job["permissions"] == {"contents": "read", "id-token": "write"}
+            assert "secrets.PULUMI_CONFIG_PASSPHRASE" in body and "secrets.RUNNER_POOL_GITHUB_TOKEN" in body
+        else:
+            assert job["permissions"] == {}, name
+            assert "secrets." not in body and "env" not in job, name
+
+
+def test_artifact_names_carry_the_run_id_and_attempt() -> None:
+    wf = yaml.safe_load((ROOT / "examples" / "workflow.yml").read_text())
+    action = yaml.safe_load((ROOT / "examples" / "action" / "action.yml").read_text())
+    artifacts = [s for j in wf["jobs"].values() for s in j["steps"] if "-artifact@" in s.get("uses", "")]
+    artifacts += [s for s in action["runs"]["steps"] if "-artifact@" in s.get("uses", "")]
+    assert len(artifacts) == 4
+    for step in artifacts[:2]:
+        assert step["with"]["name"].endswith("${{ github.run_id }}-${{ github.run_attempt }}"), step
+    for step in artifacts[2:]:
+        assert "${{ inputs.run-id }}" in step["with"]["name"], step      # run-id defaults to run id and attempt
+    assert action["inputs"]["run-id"]["default"] == "${{ github.run_id }}-${{ github.run_attempt }}"
 
 
 def test_example_refresh_runs_every_15_minutes_and_the_action_is_composite() -> None:
