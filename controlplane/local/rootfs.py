@@ -502,6 +502,19 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def exec_in(init_pid: int, argv: list[str], user: str | None = None, timeout_s: float = 60,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside a running instance (its mount, PID and network namespaces and its root).
+
+    With ``user``, as that user of the instance (``runuser``: no password, no
+    sudo, a login environment), which is how the attack tests act as a job.
+    """
+    inner = ["runuser", "-u", user, "--", *argv] if user else argv
+    return subprocess.run(["nsenter", "--target", str(init_pid), "--mount", "--pid", "--net", "--root", "--wd",
+                           "/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG=C.UTF-8",
+                           *inner], capture_output=True, text=True, timeout=timeout_s, input=input_text, check=False)
+
+
 def cleanup_below(state_dir: Path) -> dict[str, int]:
     """Whatever rootfs instances left under ``state_dir``: kill, unmount, delete their namespaces.
 

@@ -278,7 +278,11 @@ class Simulator:
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [m.view() for m in sorted(self._machines.values(), key=lambda m: m.instance_id)]
+            views = [m.view() for m in sorted(self._machines.values(), key=lambda m: m.instance_id)]
+            for v, m in zip(views, sorted(self._machines.values(), key=lambda m: m.instance_id)):
+                if m.kind == "rootfs" and self._rootfs is not None and m.alive:
+                    v["init_pid"] = self._rootfs.init_pid(m.proc)
+            return views
 
     def kill_agent(self, instance_id: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the agent's process group (SIGKILL: the instance is left wedged)."""
