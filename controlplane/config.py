@@ -181,6 +181,8 @@ class PoolConfig(_Model):
                                         description="rotate runner tokens when less than this is left of their 1 h")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags on instances and fleets")
     pre_runner_script: str = Field(default="", description="bash run on each instance before the agent waits")
+    runner_sudo: bool = Field(default=False, description="give the runner user (and so every job) passwordless "
+                                                        "sudo, and with it the instance's identity")
     metrics_cloudwatch: bool = Field(default=False, description="publish provision/release metrics to CloudWatch")
     metrics_namespace: str = Field(default="RunnerPool", description="CloudWatch namespace")
 

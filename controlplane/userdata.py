@@ -15,7 +15,7 @@ Invariants:
   one space per indentation level, every line kept where it was (tracebacks
   on an instance point at the right line of ``agent.py``), checked to have
   the very same syntax tree as the source. With an empty pre-runner script
-  the whole script is about 11 KB of EC2's 16 KB.
+  the whole script is about 12 KB of EC2's 16 KB.
 * **Nothing the payload contains can end a heredoc early.** Both payloads are
   base64 (alphabet ``A-Za-z0-9+/=``) and the heredoc markers contain ``_``.
 * **Every baked value can be overridden** from the environment
@@ -104,9 +104,12 @@ def _prerunner(script: str) -> str:
 
 
 def strip_comments(script: str) -> str:
-    """Drop the template's full-line ``#`` comments (not the shebang): EC2 needn't carry them."""
+    """Drop the template's full-line ``#`` comments (not the shebang) and indentation: EC2 needn't carry them.
+
+    The template has no ``<<-`` heredoc and no line continued inside quotes, so indentation means nothing.
+    """
     lines = script.splitlines()
-    return "\n".join([lines[0]] + [ln for ln in lines[1:] if not ln.lstrip().startswith("#")]) + "\n"
+    return "\n".join([lines[0]] + [ln.lstrip() for ln in lines[1:] if not ln.lstrip().startswith("#")]) + "\n"
 
 
 def render_user_data(cfg: PoolConfig) -> str:
@@ -125,6 +128,7 @@ def render_user_data(cfg: PoolConfig) -> str:
         "NO_ROW_TIMEOUT_S": str(NO_ROW_TIMEOUT_S),
         "REGISTRATION_ATTEMPTS": str(REGISTRATION_ATTEMPTS),
         "RUNNER_VERSION": _dq(cfg.github.runner_version),
+        "RUNNER_SUDO": "true" if cfg.runner_sudo else "false",
         "SHA256_X64": cfg.github.runner_sha256_x64 or "",
         "SHA256_ARM64": cfg.github.runner_sha256_arm64 or "",
         "AGENT_GZ_B64": agent_payload(),

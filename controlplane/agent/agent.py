@@ -224,16 +224,17 @@ class Aws:
 
 
 def run(argv: list[str], cwd: str, log_path: str, timeout_s: float,
-        abort: threading.Event | None = None) -> tuple[int | None, str]:
-    """Run ``argv`` in its own process group, output appended to ``log_path``.
+        abort: threading.Event | None = None, runner: bool = False) -> tuple[int | None, str]:
+    """Run ``argv`` in its own process group, output appended to ``log_path`` (as the runner user: ``runner``).
 
     The group is SIGKILLed at the deadline or when ``abort`` is set; the exit
     code is then ``None``. Returns the code and the tail of this run's output.
     """
+    kw = as_runner() if runner else {"env": child_env()}
     with open(log_path, "ab") as out:
         start = out.tell()
-        proc = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, **kw)
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None:
         if time.monotonic() > deadline or (abort is not None and abort.is_set()):
@@ -246,6 +247,17 @@ def run(argv: list[str], cwd: str, log_path: str, timeout_s: float,
 
 def child_env() -> dict[str, str]:
     return dict(os.environ, RUNNER_ALLOW_RUNASROOT="1")     # cloud-init runs us as root: runner wants this
+
+
+def as_runner() -> dict[str, Any]:
+    """Popen arguments for config.sh and run.sh: as RP_RUNNER_USER (the bootstrap's) when we are root."""
+    user = os.environ.get("RP_RUNNER_USER")
+    if not user or os.geteuid() != 0:
+        return {"env": child_env()}
+    import pwd
+    pw = pwd.getpwnam(user)
+    env = dict(os.environ, HOME=pw.pw_dir, USER=user, LOGNAME=user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "umask": 0o077, "env": env}
 
 
 def reap(proc: subprocess.Popen, timeout_s: float) -> None:
@@ -466,15 +478,16 @@ class Agent:
                 "--name", str(self.name), "--labels", f"{run_id},{self.cfg.label}",
                 "--no-default-labels", "--replace", "--disableupdate"]
         try:
-            rc, out = run(argv, self.cfg.runner_dir, self.config_log, self.cfg.registration_timeout_s)
+            rc, out = run(argv, self.cfg.runner_dir, self.config_log, self.cfg.registration_timeout_s,
+                          runner=True)
             if rc != 0:
                 return False, f"config.sh {'killed at its deadline' if rc is None else f'exited {rc}'}: {out}"
             runner_log = os.path.join(self.cfg.home, "runner.log")
             with open(runner_log, "ab") as fh:
                 start = fh.tell()
-                self.proc = subprocess.Popen(["./run.sh"], cwd=self.cfg.runner_dir, env=child_env(),
-                                             stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(["./run.sh"], cwd=self.cfg.runner_dir, stdin=subprocess.DEVNULL,
+                                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                             **as_runner())
         except OSError as exc:
             return False, f"cannot run the runner: {exc}"
         deadline = time.monotonic() + self.cfg.listen_timeout_s
@@ -530,7 +543,7 @@ class Agent:
         try:
             token = self.log.secret(self.aws.token("removal"))
             rc, out = run(["./config.sh", "remove", "--token", token], self.cfg.runner_dir, self.config_log,
-                          self.cfg.registration_timeout_s)
+                          self.cfg.registration_timeout_s, runner=True)
             why = "" if rc == 0 else f"config.sh remove {'killed' if rc is None else f'exited {rc}'}: {out}"
         except AWS_ERRORS + (OSError,) as exc:
             why = f"no removal: {exc}"

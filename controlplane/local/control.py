@@ -131,7 +131,11 @@ def stop(state_dir: Path | None = None) -> dict[str, Any]:
             pass
     path.unlink(missing_ok=True)
     wait_until(lambda: not any(_alive(p) for p in strays), Deadline(5), 0.05)
-    return {"stopped": stopped_daemon, "pid": pid or None, "stray_agents_killed": len(strays)}
+    from controlplane.local.rootfs import cleanup_below
+
+    left = cleanup_below(state_dir)            # rootfs instances of a daemon that could not clean up
+    return {"stopped": stopped_daemon, "pid": pid or None, "stray_agents_killed": len(strays) + left["killed"],
+            "rootfs_left": left}
 
 
 def env_vars(state: dict[str, Any]) -> dict[str, str]:

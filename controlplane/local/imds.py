@@ -16,12 +16,22 @@ Served paths (under ``/<instance-id>``): ``latest/dynamic/instance-identity/
 document``, ``latest/meta-data/`` {``instance-id``, ``instance-type``,
 ``ami-id``, ``placement/availability-zone``, ``placement/region``,
 ``services/partition``, ``services/domain``, ``tags/instance``,
-``tags/instance/<key>``}, and ``latest/user-data``.
+``tags/instance/<key>``, ``iam/security-credentials/<role>``}, and
+``latest/user-data``.
+
+Rootfs instances (``controlplane/local/rootfs.py``) reach it as EC2's do, at
+``http://169.254.169.254/latest/...`` with no prefix: :meth:`ImdsStandIn.serve_on`
+adds a server on a socket in the simulator's hub namespace, and that server
+tells instances apart by the source address of the connection (each instance
+has its own link-local address), as EC2 does. There it also serves the
+instance role's credentials, which is how boto3 on a rootfs instance gets
+them (the process kind passes them in the environment instead).
 """
 from __future__ import annotations
 
 import json
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +54,8 @@ class ImdsInstance:
     image_id: str = "ami-00000000"
     partition: str = "aws"
     pending_time: float = 0.0
+    role: str = ""                                   # instance profile role served under iam/security-credentials
+    credentials: dict[str, str] = field(default_factory=dict)   # AccessKeyId, SecretAccessKey, Token
 
     def identity_document(self) -> dict[str, Any]:
         pending = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.pending_time or time.time()))
@@ -60,20 +72,32 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, standin: ImdsStandIn) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, standin: ImdsStandIn, sock: socket.socket | None = None) -> None:
         self.standin = standin
+        self.by_source = sock is not None                 # the instance is the client's address, not a prefix
+        if sock is None:
+            super().__init__(("127.0.0.1", 0), _Handler)
+            return
+        super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "EC2ws"
 
+    def _path(self) -> str:
+        if not self.server.by_source:
+            return self.path
+        return "/" + self.server.standin.by_address(self.client_address[0]) + self.path
+
     def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
-        self._reply(*self.server.standin._put(self.path, self.headers))
+        self._reply(*self.server.standin._put(self._path(), self.headers))
 
     def do_GET(self) -> None:  # noqa: N802
-        self._reply(*self.server.standin._get(self.path, self.headers))
+        self._reply(*self.server.standin._get(self._path(), self.headers))
 
     def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         try:
@@ -98,6 +122,8 @@ class ImdsStandIn:
         self._tokens: dict[str, tuple[str, float]] = {}      # token -> (instance id, expires monotonic)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._extra: list[tuple[_Server, threading.Thread]] = []
+        self._addresses: dict[str, str] = {}              # source address -> instance id
         self.port = 0
 
     def start(self) -> ImdsStandIn:
@@ -110,14 +136,31 @@ class ImdsStandIn:
         self._thread.start()
         return self
 
+    def serve_on(self, sock: socket.socket) -> None:
+        """Also answer on ``sock`` (a listening socket), knowing instances by their source address."""
+        server = _Server(self, sock)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name="imds-standin-hub", daemon=True)
+        thread.start()
+        with self._lock:
+            self._extra.append((server, thread))
+
     def stop(self) -> None:
         server, thread = self._server, self._thread
         self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(STOP_JOIN_TIMEOUT_S)
+        with self._lock:
+            extra, self._extra = self._extra, []
+        for s, t in [(server, thread)] + extra:
+            if s is not None:
+                s.shutdown()
+                s.server_close()
+            if t is not None:
+                t.join(STOP_JOIN_TIMEOUT_S)
+
+    def by_address(self, address: str) -> str:
+        """The instance that has ``address`` ('-' if none: every request then gets 404)."""
+        with self._lock:
+            return self._addresses.get(address, "-")
 
     @property
     def url(self) -> str:
@@ -129,17 +172,23 @@ class ImdsStandIn:
 
     def register(self, instance_id: str, instance_type: str, az: str, region: str, account: str,
                  user_data: bytes | str = b"", tags: dict[str, str] | None = None, *,
-                 image_id: str = "ami-00000000", partition: str = "aws", pending_time: float = 0.0) -> None:
+                 image_id: str = "ami-00000000", partition: str = "aws", pending_time: float = 0.0,
+                 address: str | None = None, role: str = "", credentials: dict[str, str] | None = None) -> None:
+        """Serve ``instance_id``; with ``address``, to connections from that address on :meth:`serve_on` sockets."""
         data = user_data.encode() if isinstance(user_data, str) else bytes(user_data)
         inst = ImdsInstance(instance_id, instance_type, az, region, account, data, dict(tags or {}),
-                            image_id, partition, pending_time or time.time())
+                            image_id, partition, pending_time or time.time(), role, dict(credentials or {}))
         with self._lock:
             self._instances[instance_id] = inst
+            self._addresses = {a: i for a, i in self._addresses.items() if i != instance_id}
+            if address:
+                self._addresses[address] = instance_id
 
     def unregister(self, instance_id: str) -> None:
         with self._lock:
             self._instances.pop(instance_id, None)
             self._tokens = {t: v for t, v in self._tokens.items() if v[0] != instance_id}
+            self._addresses = {a: i for a, i in self._addresses.items() if i != instance_id}
 
     def instances(self) -> list[str]:
         with self._lock:
@@ -206,8 +255,19 @@ class ImdsStandIn:
         }
         if path in simple:
             return simple[path].encode()
+        creds = md + "/iam/security-credentials"
+        if inst.role and path == creds:
+            return inst.role.encode()
+        if inst.role and path == f"{creds}/{inst.role}":
+            return json.dumps({
+                "Code": "Success", "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "Type": "AWS-HMAC", "AccessKeyId": inst.credentials.get("AccessKeyId", ""),
+                "SecretAccessKey": inst.credentials.get("SecretAccessKey", ""),
+                "Token": inst.credentials.get("Token", ""),
+                "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600)),
+            }).encode()
         if path == md + "/" or path == md:
-            return b"ami-id\ninstance-id\ninstance-type\nplacement/\nservices/\ntags/"
+            return b"ami-id\n" + (b"iam/\n" if inst.role else b"") + b"instance-id\ninstance-type\nplacement/\nservices/\ntags/"
         if path == "/latest/dynamic/instance-identity/document":
             return json.dumps(inst.identity_document(), indent=2).encode()
         if path == "/latest/user-data":

@@ -30,7 +30,20 @@ limits a rule to the next N instances it matches)::
      "freeze_after_s": null,      # SIGSTOP the agent: it stops heartbeating
      "kill_after_s": null,        # SIGKILL the agent: a wedged instance
      "prerunner_fail": false,     # the pre-runner shell fails
-     "env": {}}                   # extra environment for the agent (e.g. shorter timeouts)
+     "env": {},                   # extra environment for the agent (e.g. shorter timeouts)
+     "kind": "process"}           # or "rootfs": a Debian root with namespaces of its own (below)
+
+**Two kinds of instance.** ``process`` (the default, fast): the user data runs
+as a host process group, as above. ``rootfs`` (``controlplane/local/rootfs.py``):
+the same user data runs once, as root, on the first boot of a Debian bookworm
+root in its own mount, PID and network namespaces, with no simulator hook but
+the endpoints; python3 and boto3 come from the distribution, installed by the
+bootstrap; boto3 gets the instance role's credentials from the IMDS stand-in
+at 169.254.169.254. EC2's ``stop`` kills every process of the instance and
+keeps its layer, ``start`` boots it again (the bootstrap's per-boot script
+starts the agent), ``terminate`` removes the layer too; the agent's power-off
+(``shutdown -h now``) ends the instance's PID 1 and the simulator terminates
+it in EC2 (the launch template's shutdown behaviour).
 
 Registration faults go through the GitHub stand-in (``POST /_control/faults``
 with ``name_contains=<instance-id>``), so they hit ``config.sh`` exactly where
@@ -55,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.local import rootfs
 from controlplane.local.emulator import BACKEND_LOCK
 from controlplane.local.imds import ImdsStandIn
 
@@ -67,10 +81,13 @@ STOP_WAIT_S = 5.0                # stop(): how long to wait for killed processes
 JOIN_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 5.0
 RULE_KEYS = frozenset({"match", "count", "boot_delay_s", "registration", "registration_delay_s",
-                       "freeze_after_s", "kill_after_s", "prerunner_fail", "env"})
+                       "freeze_after_s", "kill_after_s", "prerunner_fail", "env", "kind"})
 MATCH_KEYS = frozenset({"instance_type", "instance_id", "pool"})
 REGISTRATION_MODES = ("ok", "fail", "hang", "delay")
+KINDS = ("process", "rootfs")
 LIVE_EC2_STATES = ("pending", "running")
+STOPPED_EC2_STATES = ("stopping", "stopped")
+INSTANCE_ROLE = "runner-pool-instance"       # the role name rootfs instances see in IMDS
 
 
 @dataclass
@@ -93,6 +110,10 @@ class _Machine:
     term_sent_at: float | None = None            # monotonic, SIGTERM sent because EC2 terminated it
     detail: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
+    kind: str = "process"
+    slot: int | None = None                      # rootfs: the link-local /30 of its veth pair
+    address: str | None = None                   # rootfs: its address (IMDS knows it by this)
+    boots: int = 0
 
     @property
     def alive(self) -> bool:
@@ -103,7 +124,8 @@ class _Machine:
                 "instance_type": self.instance_type, "phase": self.phase,
                 "pid": self.proc.pid if self.proc is not None else None, "exit_code": self.exit_code,
                 "started_at": self.started_at, "home": str(self.home), "detail": self.detail,
-                "behaviour": copy.deepcopy(self.rule)}
+                "behaviour": copy.deepcopy(self.rule), "kind": self.kind, "address": self.address,
+                "boots": self.boots}
 
 
 def processes_of(home: Path, *, below: bool = False) -> list[int]:
@@ -177,10 +199,13 @@ def validate_rule(rule: dict[str, Any]) -> dict[str, Any]:
     env = rule.get("env") or {}
     if not isinstance(env, dict) or any(not isinstance(v, str) for v in env.values()):
         raise ValueError("env must map names to strings")
+    kind = rule.get("kind", "process")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     out = {"match": dict(match), "count": count, "boot_delay_s": float(rule.get("boot_delay_s") or 0),
            "registration": mode, "registration_delay_s": float(rule.get("registration_delay_s") or 0),
            "freeze_after_s": rule.get("freeze_after_s"), "kill_after_s": rule.get("kill_after_s"),
-           "prerunner_fail": bool(rule.get("prerunner_fail", False)), "env": dict(env)}
+           "prerunner_fail": bool(rule.get("prerunner_fail", False)), "env": dict(env), "kind": kind}
     for key in ("freeze_after_s", "kill_after_s"):
         if out[key] is not None:
             out[key] = float(out[key])
@@ -205,6 +230,7 @@ class Simulator:
         self._rules: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rootfs: rootfs.RootfsHost | None = None
 
     # -- public API ---------------------------------------------------------------
 
@@ -226,7 +252,12 @@ class Simulator:
         with self._lock:
             machines = list(self._machines.values())
         for m in machines:
-            _signal_all(m, signal.SIGKILL)
+            if m.kind == "rootfs" and self._rootfs is not None:
+                self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=False)
+            else:
+                _signal_all(m, signal.SIGKILL)
+        if self._rootfs is not None:
+            self._rootfs.close()
         deadline = time.monotonic() + STOP_WAIT_S
         for m in machines:
             if m.proc is not None:
@@ -250,7 +281,11 @@ class Simulator:
 
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [m.view() for m in sorted(self._machines.values(), key=lambda m: m.instance_id)]
+            views = [m.view() for m in sorted(self._machines.values(), key=lambda m: m.instance_id)]
+            for v, m in zip(views, sorted(self._machines.values(), key=lambda m: m.instance_id)):
+                if m.kind == "rootfs" and self._rootfs is not None and m.alive:
+                    v["init_pid"] = self._rootfs.init_pid(m.proc)
+            return views
 
     def kill_agent(self, instance_id: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the agent's process group (SIGKILL: the instance is left wedged)."""
@@ -259,7 +294,7 @@ class Simulator:
             if m is None or m.proc is None:
                 raise KeyError(f"no agent process for {instance_id}")
             try:
-                os.killpg(m.proc.pid, sig)
+                self._signal_agent(m, sig)
             except OSError as exc:
                 raise KeyError(f"agent of {instance_id} is gone: {exc}") from None
             if sig == signal.SIGKILL:
@@ -273,7 +308,27 @@ class Simulator:
         """Every live process of one instance (agent, runner, scripts): for benchmarks."""
         with self._lock:
             m = self._machines.get(instance_id)
+        if m is not None and m.kind == "rootfs" and self._rootfs is not None:
+            return self._rootfs.pids(m.home)
         return processes_of(m.home) if m is not None else []
+
+    def _signal_agent(self, m: _Machine, sig: int) -> None:
+        """``sig`` to the agent: its process group (process kind) or its process in the instance (rootfs)."""
+        if m.kind != "rootfs":
+            os.killpg(m.proc.pid, sig)  # type: ignore[union-attr]
+            return
+        pid = self._rootfs.agent_pid(m.home) if self._rootfs is not None else None
+        if pid is None:
+            raise OSError("no agent process in the instance (yet)")
+        os.kill(pid, sig)
+
+    def _rootfs_host(self) -> rootfs.RootfsHost:
+        if self._rootfs is None:
+            from urllib.parse import urlsplit
+            aws_port = urlsplit(self.aws_endpoint).port or 80
+            gh_port = urlsplit(self.github_url).port if self.github_url else None
+            self._rootfs = rootfs.RootfsHost(self.work_dir, self.imds, aws_port, gh_port)
+        return self._rootfs
 
     # -- the loop -------------------------------------------------------------------
 
@@ -340,7 +395,7 @@ class Simulator:
     def _adopt(self, iid: str, facts: dict[str, Any], now: float) -> None:
         rule = self._pick_rule(facts, iid)
         m = _Machine(iid, facts["region"], facts["pool"], facts["instance_type"], rule,
-                     now + rule["boot_delay_s"], self.work_dir / iid, facts=facts)
+                     now + rule["boot_delay_s"], self.work_dir / iid, facts=facts, kind=rule["kind"])
         self._machines[iid] = m
         if rule["registration"] != "ok":
             self._github_fault(m)
@@ -364,9 +419,15 @@ class Simulator:
         ec2_live = facts is not None and facts["state"] in LIVE_EC2_STATES
         if m.phase in ("shutdown", "terminated", "stopped"):
             return
+        if m.kind == "rootfs" and facts is not None and facts["state"] in STOPPED_EC2_STATES:
+            self._on_ec2_stop(m, now)
+            return
         if not ec2_live:
             self._on_terminated(m, now)
             return
+        if m.phase == "halted":                          # EC2 started it again: boot from its layer
+            m.phase, m.boot_at, m.exit_code, m.term_sent_at = "booting", now + m.rule["boot_delay_s"], None, None
+            m.frozen, m.detail = False, "started again"
         if m.phase == "booting":
             if now >= m.boot_at:
                 self._boot(m)
@@ -380,12 +441,15 @@ class Simulator:
                 self._on_exit(m, code)
             return
         age = now - (m.started_mono or now)
-        if m.rule["kill_after_s"] is not None and age >= m.rule["kill_after_s"] and m.phase != "killed":
-            os.killpg(m.proc.pid, signal.SIGKILL)
-            m.phase, m.detail = "killed", f"kill_after_s={m.rule['kill_after_s']}"
-        elif m.rule["freeze_after_s"] is not None and age >= m.rule["freeze_after_s"] and not m.frozen:
-            os.killpg(m.proc.pid, signal.SIGSTOP)
-            m.phase, m.frozen, m.detail = "frozen", True, f"freeze_after_s={m.rule['freeze_after_s']}"
+        try:
+            if m.rule["kill_after_s"] is not None and age >= m.rule["kill_after_s"] and m.phase != "killed":
+                self._signal_agent(m, signal.SIGKILL)
+                m.phase, m.detail = "killed", f"kill_after_s={m.rule['kill_after_s']}"
+            elif m.rule["freeze_after_s"] is not None and age >= m.rule["freeze_after_s"] and not m.frozen:
+                self._signal_agent(m, signal.SIGSTOP)
+                m.phase, m.frozen, m.detail = "frozen", True, f"freeze_after_s={m.rule['freeze_after_s']}"
+        except OSError:
+            pass                                         # a rootfs agent not started yet: next tick
 
     def _env(self, m: _Machine) -> dict[str, str]:
         env = {
@@ -395,7 +459,7 @@ class Simulator:
             "AWS_EC2_METADATA_DISABLED": "true",
             "RUNNER_POOL_HOME": str(m.home), "RUNNER_POOL_IMDS_ENDPOINT": self.imds.base_url(m.instance_id),
             "RUNNER_POOL_RUNNER_SOURCE": str(RUNNER_SOURCE), "RUNNER_POOL_SHUTDOWN_CMD": "true",
-            "RUNNER_POOL_PYTHON": sys.executable,
+            "RUNNER_POOL_PYTHON": sys.executable, "RUNNER_POOL_SKIP_OS_SETUP": "1",
         }
         if self.agent_credentials is not None:
             env.update(self.agent_credentials(m.instance_id))
@@ -413,11 +477,24 @@ class Simulator:
         env.update(m.rule["env"])
         return env
 
+    def _rootfs_env(self, m: _Machine) -> dict[str, str]:
+        """What a rootfs instance's init gets: the endpoints and the runner source, nothing else."""
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+               "HOME": "/root", "RUNNER_POOL_RUNNER_SOURCE": rootfs.RUNNER_MOUNT}
+        if m.rule["prerunner_fail"]:
+            env["RUNNER_POOL_PRERUNNER_SHELL"] = "/opt/rp-sim/failing-shell.sh"
+            env["RP_PRERUNNER_FILE"] = "/opt/rp-sim/prerunner.sh"
+        env.update(m.rule["env"])
+        return env
+
     def _boot(self, m: _Machine) -> None:
         facts = m.facts
         user_data = _user_data(facts.get("user_data"))
         if not user_data.strip():
             m.phase, m.detail = "exited", "no user data: nothing to run"
+            return
+        if m.kind == "rootfs":
+            self._boot_rootfs(m, user_data)
             return
         m.home.mkdir(parents=True, exist_ok=True)
         script = m.home / "user-data"
@@ -432,6 +509,50 @@ class Simulator:
         m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
         log.info("booted %s: pid %d", m.instance_id, m.proc.pid)
 
+    def _boot_rootfs(self, m: _Machine, user_data: bytes) -> None:
+        facts = m.facts
+        host = self._rootfs_host()
+        try:
+            host.ensure()
+            if m.slot is None:
+                m.slot = host.slot()
+            m.address = rootfs.slot_addresses(m.slot)[1]
+            self.imds.register(m.instance_id, m.instance_type, facts["az"], m.region, self._account(),
+                               user_data, facts["tags"], image_id=facts.get("image_id") or "ami-00000000",
+                               pending_time=_epoch(facts.get("launched")), address=m.address,
+                               role=INSTANCE_ROLE, credentials={"AccessKeyId": "testing",
+                                                                "SecretAccessKey": "testing", "Token": "testing"})
+            with open(self._console(m), "ab") as console:
+                m.proc, _ = host.boot(m.home, m.instance_id, m.slot, user_data, self._rootfs_env(m), console)
+        except (rootfs.RootfsError, OSError, subprocess.SubprocessError) as exc:
+            m.phase, m.detail = "exited", f"rootfs boot failed: {exc}"
+            log.error("rootfs boot of %s failed: %s", m.instance_id, exc)
+            return
+        m.boots += 1
+        m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
+        log.info("booted rootfs %s (boot %d): pid %d, %s", m.instance_id, m.boots, m.proc.pid, m.address)
+
+    def _console(self, m: _Machine) -> Path:
+        m.home.mkdir(parents=True, exist_ok=True)
+        return m.home / "console.log"
+
+    def _on_ec2_stop(self, m: _Machine, now: float) -> None:
+        """EC2 stops a rootfs instance: an OS shutdown, then its namespaces go; its layer stays."""
+        if m.phase in ("halted", "booting"):
+            if m.phase == "booting" and m.proc is None:
+                m.phase, m.detail = "halted", "stopped before it booted"
+            return
+        if m.term_sent_at is None:
+            m.term_sent_at = now
+            if self._rootfs is not None:
+                self._rootfs.power_off(m.proc)
+        if m.proc is not None and m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
+            return
+        if self._rootfs is not None:
+            self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=False)
+        self.imds.unregister(m.instance_id)
+        m.proc, m.phase, m.detail, m.frozen = None, "halted", "stopped in EC2: layer kept", False
+
     @staticmethod
     def _account() -> str:
         from moto.core import DEFAULT_ACCOUNT_ID
@@ -440,7 +561,10 @@ class Simulator:
     def _on_exit(self, m: _Machine, code: int) -> None:
         if code == 0 and m.term_sent_at is None:
             m.phase, m.detail = "shutdown", "agent powered off: instance terminated"
-            _signal_all(m, signal.SIGKILL)           # anything the agent left behind dies with the machine
+            if m.kind == "rootfs":
+                self._release_rootfs(m)
+            else:
+                _signal_all(m, signal.SIGKILL)       # anything the agent left behind dies with the machine
             self._terminate_in_ec2(m)
             self.imds.unregister(m.instance_id)
         elif m.phase not in ("killed", "terminated"):
@@ -461,6 +585,9 @@ class Simulator:
 
     def _on_terminated(self, m: _Machine, now: float) -> None:
         """EC2 says the instance is gone: SIGTERM (an OS shutdown), SIGKILL after the grace."""
+        if m.kind == "rootfs":
+            self._rootfs_terminated(m, now)
+            return
         if m.term_sent_at is None:
             m.term_sent_at = now
             if m.frozen:
@@ -476,3 +603,23 @@ class Simulator:
             m.exit_code = m.proc.poll() if m.exit_code is None else m.exit_code
         m.phase, m.detail = "terminated", "terminated in EC2"
         self.imds.unregister(m.instance_id)
+
+    def _rootfs_terminated(self, m: _Machine, now: float) -> None:
+        if m.proc is not None and m.phase not in ("halted", "booting"):
+            if m.term_sent_at is None:
+                m.term_sent_at = now
+                if self._rootfs is not None:
+                    self._rootfs.power_off(m.proc)
+            if m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
+                return
+            m.exit_code = m.proc.poll() if m.exit_code is None else m.exit_code
+        self._release_rootfs(m)
+        m.phase, m.detail = "terminated", "terminated in EC2"
+        self.imds.unregister(m.instance_id)
+
+    def _release_rootfs(self, m: _Machine) -> None:
+        """Terminated: namespaces, mounts and the layer go; the slot is free again."""
+        if self._rootfs is not None:
+            self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=True)
+            self._rootfs.release(m.slot)
+        m.slot = None
