@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import Any
 
 from controlplane.config import PoolConfig
+from controlplane.ownership import OWNER_TAG
 from controlplane.records import AGENT_ATTRIBUTES, KEY_ATTRIBUTES
 
 POLICY_VERSION = "2012-10-17"
@@ -137,6 +138,7 @@ def control_plane_policy(cfg: PoolConfig, account: str, partition: str,
             "Effect": "Allow",
             "Action": [
                 "dynamodb:CreateTable", "dynamodb:DescribeTable", "dynamodb:DeleteTable", "dynamodb:TagResource",
+                "dynamodb:UntagResource", "dynamodb:ListTagsOfResource",     # the runner-pool:owner tag
                 "dynamodb:DescribeTimeToLive", "dynamodb:UpdateTimeToLive",
                 "dynamodb:DescribeContinuousBackups", "dynamodb:UpdateContinuousBackups",
                 "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem",
@@ -231,6 +233,14 @@ def control_plane_policy(cfg: PoolConfig, account: str, partition: str,
             "Action": ["ec2:CreateTags"],
             "Resource": [f"{own}:launch-template/*"],
             "Condition": {"StringEquals": {"ec2:CreateAction": "CreateLaunchTemplate"}},
+        },
+        {
+            "Sid": "OwnerTagOnPoolTemplate",      # a Pulumi create records its stack on the pool's template
+            "Effect": "Allow",
+            "Action": ["ec2:CreateTags"],
+            "Resource": [f"{own}:launch-template/*"],
+            "Condition": {"StringEquals": resource_tag,
+                          "ForAllValues:StringEquals": {"aws:TagKeys": [OWNER_TAG]}},
         },
         {
             "Sid": "TerminatePoolInstances",

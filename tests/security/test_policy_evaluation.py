@@ -123,6 +123,9 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "tag the launch template as it is created": control(
         "ec2:CreateTags", f"{EC2}:launch-template/lt-0123456789abcdef0", ALLOW,
         **{"ec2:CreateAction": "CreateLaunchTemplate"}),
+    "record the owning stack on the pool's template": control(
+        "ec2:CreateTags", f"{EC2}:launch-template/lt-0123456789abcdef0", ALLOW,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:owner"]}),
     "add a version to the pool's template": control(
         "ec2:CreateLaunchTemplateVersion", f"{EC2}:launch-template/lt-0123456789abcdef0", ALLOW, **tag("ResourceTag")),
     "create a fleet from the pool's template": control(
@@ -143,6 +146,12 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "publish metrics in the pool's namespace": control("cloudwatch:PutMetricData", "*", ALLOW,
                                                        **{"cloudwatch:namespace": "RunnerPool"}),
     # ... and what the conditions exist to stop is denied
+    "retag the pool's template into another pool": control(
+        "ec2:CreateTags", f"{EC2}:launch-template/lt-0123456789abcdef0", DENY,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:owner", "runner-pool:pool"]}),
+    "set an owner on another pool's template": control(
+        "ec2:CreateTags", f"{EC2}:launch-template/lt-0fedcba9876543210", DENY,
+        **tag("ResourceTag", "prod"), **{"aws:TagKeys": ["runner-pool:owner"]}),
     "tag any instance into the pool": control("ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", DENY),
     "terminate another pool's instance": control("ec2:TerminateInstances", f"{EC2}:instance/i-0123456789abcdef0",
                                                  DENY, **tag("ResourceTag", "prod")),

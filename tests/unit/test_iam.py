@@ -132,7 +132,8 @@ def test_only_ec2_may_assume_the_instance_role() -> None:
 CALLS = {
     "dynamodb": {"CreateTable", "DescribeTable", "DeleteTable", "TagResource", "DescribeTimeToLive",
                  "UpdateTimeToLive", "DescribeContinuousBackups", "UpdateContinuousBackups", "GetItem", "PutItem",
-                 "UpdateItem", "BatchGetItem", "BatchWriteItem", "Query", "Scan"},
+                 "UpdateItem", "BatchGetItem", "BatchWriteItem", "Query", "Scan",
+                 "UntagResource", "ListTagsOfResource"},   # the owner tag (controlplane/ownership.py)
     "sqs": {"CreateQueue", "TagQueue", "DeleteQueue", "GetQueueUrl", "GetQueueAttributes", "SetQueueAttributes",
             "ListQueues", "ListQueueTags", "SendMessage", "ReceiveMessage", "DeleteMessage",
             "ChangeMessageVisibility"},
@@ -193,8 +194,13 @@ def test_control_plane_policy_scopes_ec2_to_the_pool() -> None:
         assert st[sid]["Condition"] == {"StringEquals": {"aws:RequestTag/runner-pool:pool": "ci"}}, sid
     assert st["TagOnLaunch"]["Condition"] == {"StringEquals": {"ec2:CreateAction": ["CreateFleet", "RunInstances"]}}
     assert st["TagLaunchTemplateOnCreate"]["Condition"] == {"StringEquals": {"ec2:CreateAction": "CreateLaunchTemplate"}}
-    tagging = [s for s in st.values() if "ec2:CreateTags" in s["Action"]]
-    assert all("ec2:CreateAction" in s["Condition"]["StringEquals"] for s in tagging)
+    # CreateTags on its own is allowed only for the owner tag, only on the pool's template; every other
+    # CreateTags statement is tagging as part of a launch or a template's creation.
+    assert st["OwnerTagOnPoolTemplate"]["Condition"] == {
+        "StringEquals": pool_tag, "ForAllValues:StringEquals": {"aws:TagKeys": ["runner-pool:owner"]}}
+    assert st["OwnerTagOnPoolTemplate"]["Resource"] == [f"arn:aws:ec2:eu-west-1:{ACCOUNT}:launch-template/*"]
+    tagging = [s for s in st.values() if "ec2:CreateTags" in s["Action"] and s["Sid"] != "OwnerTagOnPoolTemplate"]
+    assert tagging and all("ec2:CreateAction" in s["Condition"]["StringEquals"] for s in tagging)
     unconditioned = {s["Sid"] for s in st.values() if "Condition" not in s}
     assert unconditioned == {"StateTable", "StateTableIndexes", "PoolQueues", "ListQueues", "Describe",
                              "LaunchInto", "RunnerTokens"}
