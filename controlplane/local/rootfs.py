@@ -95,7 +95,12 @@ def root_path() -> Path:
 
 def _run(argv: list[str], timeout_s: float = CMD_TIMEOUT_S, check: bool = True,
          **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False, **kw)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False, **kw)
+    except subprocess.TimeoutExpired as exc:
+        if check:
+            raise RootfsError(f"{' '.join(argv[:6])} did not finish within {timeout_s:.0f} s") from exc
+        return subprocess.CompletedProcess(argv, -9, "", f"timed out after {timeout_s:.0f} s")
     if check and proc.returncode != 0:
         raise RootfsError(f"{' '.join(argv[:6])} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-500:]}")
     return proc

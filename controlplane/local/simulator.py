@@ -114,6 +114,7 @@ class _Machine:
     slot: int | None = None                      # rootfs: the link-local /30 of its veth pair
     address: str | None = None                   # rootfs: its address (IMDS knows it by this)
     boots: int = 0
+    busy: bool = False                           # rootfs: a boot or teardown runs off the simulator's lock
 
     @property
     def alive(self) -> bool:
@@ -125,7 +126,7 @@ class _Machine:
                 "pid": self.proc.pid if self.proc is not None else None, "exit_code": self.exit_code,
                 "started_at": self.started_at, "home": str(self.home), "detail": self.detail,
                 "behaviour": copy.deepcopy(self.rule), "kind": self.kind, "address": self.address,
-                "boots": self.boots}
+                "boots": self.boots, "busy": self.busy}
 
 
 def processes_of(home: Path, *, below: bool = False) -> list[int]:
@@ -251,6 +252,9 @@ class Simulator:
             self._thread = None
         with self._lock:
             machines = list(self._machines.values())
+        busy_until = time.monotonic() + JOIN_TIMEOUT_S * 3
+        while any(m.busy for m in machines) and time.monotonic() < busy_until:
+            time.sleep(0.05)                         # a rootfs boot or teardown finishing (each step is bounded)
         for m in machines:
             if m.kind == "rootfs" and self._rootfs is not None:
                 self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=False)
@@ -417,7 +421,7 @@ class Simulator:
 
     def _advance(self, m: _Machine, facts: dict[str, Any] | None, now: float) -> None:
         ec2_live = facts is not None and facts["state"] in LIVE_EC2_STATES
-        if m.phase in ("shutdown", "terminated", "stopped"):
+        if m.phase in ("shutdown", "terminated", "stopped") or m.busy:
             return
         if m.kind == "rootfs" and facts is not None and facts["state"] in STOPPED_EC2_STATES:
             self._on_ec2_stop(m, now)
@@ -509,28 +513,53 @@ class Simulator:
         m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
         log.info("booted %s: pid %d", m.instance_id, m.proc.pid)
 
+    def _in_background(self, m: _Machine, what: str, fn: Any) -> None:
+        """``fn()`` in a thread of its own: rootfs boots and teardowns run commands (mount, ip, umount)
+        that must not hold the simulator's lock, which every control call and tick takes."""
+        m.busy = True
+
+        def body() -> None:
+            try:
+                fn()
+            except Exception:                        # logged: the tick goes on with the next state
+                log.exception("rootfs %s of %s failed", what, m.instance_id)
+            finally:
+                with self._lock:
+                    m.busy = False
+
+        threading.Thread(target=body, name=f"rootfs-{what}-{m.instance_id}", daemon=True).start()
+
     def _boot_rootfs(self, m: _Machine, user_data: bytes) -> None:
         facts = m.facts
         host = self._rootfs_host()
-        try:
-            host.ensure()
-            if m.slot is None:
-                m.slot = host.slot()
-            m.address = rootfs.slot_addresses(m.slot)[1]
-            self.imds.register(m.instance_id, m.instance_type, facts["az"], m.region, self._account(),
-                               user_data, facts["tags"], image_id=facts.get("image_id") or "ami-00000000",
-                               pending_time=_epoch(facts.get("launched")), address=m.address,
-                               role=INSTANCE_ROLE, credentials={"AccessKeyId": "testing",
-                                                                "SecretAccessKey": "testing", "Token": "testing"})
-            with open(self._console(m), "ab") as console:
-                m.proc, _ = host.boot(m.home, m.instance_id, m.slot, user_data, self._rootfs_env(m), console)
-        except (rootfs.RootfsError, OSError, subprocess.SubprocessError) as exc:
-            m.phase, m.detail = "exited", f"rootfs boot failed: {exc}"
-            log.error("rootfs boot of %s failed: %s", m.instance_id, exc)
-            return
-        m.boots += 1
-        m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
-        log.info("booted rootfs %s (boot %d): pid %d, %s", m.instance_id, m.boots, m.proc.pid, m.address)
+        m.phase = "starting"
+
+        def boot() -> None:
+            try:
+                host.ensure()
+                if m.slot is None:
+                    m.slot = host.slot()
+                address = rootfs.slot_addresses(m.slot)[1]
+                self.imds.register(m.instance_id, m.instance_type, facts["az"], m.region, self._account(),
+                                   user_data, facts["tags"], image_id=facts.get("image_id") or "ami-00000000",
+                                   pending_time=_epoch(facts.get("launched")), address=address,
+                                   role=INSTANCE_ROLE, credentials={"AccessKeyId": "testing",
+                                                                    "SecretAccessKey": "testing", "Token": "testing"})
+                if self._stop.is_set():
+                    raise rootfs.RootfsError("the simulator is stopping")
+                with open(self._console(m), "ab") as console:
+                    proc, _ = host.boot(m.home, m.instance_id, m.slot, user_data, self._rootfs_env(m), console)
+            except (rootfs.RootfsError, OSError, subprocess.SubprocessError) as exc:
+                with self._lock:
+                    m.phase, m.detail = "exited", f"rootfs boot failed: {exc}"
+                log.error("rootfs boot of %s failed: %s", m.instance_id, exc)
+                return
+            with self._lock:
+                m.proc, m.address, m.boots = proc, address, m.boots + 1
+                m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
+            log.info("booted rootfs %s (boot %d): pid %d, %s", m.instance_id, m.boots, proc.pid, address)
+
+        self._in_background(m, "boot", boot)
 
     def _console(self, m: _Machine) -> Path:
         m.home.mkdir(parents=True, exist_ok=True)
@@ -548,10 +577,11 @@ class Simulator:
                 self._rootfs.power_off(m.proc)
         if m.proc is not None and m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
             return
-        if self._rootfs is not None:
-            self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=False)
+        host, proc = self._rootfs, m.proc
         self.imds.unregister(m.instance_id)
         m.proc, m.phase, m.detail, m.frozen = None, "halted", "stopped in EC2: layer kept", False
+        if host is not None:
+            self._in_background(m, "stop", lambda: host.halt(m.home, m.instance_id, proc, remove_layer=False))
 
     @staticmethod
     def _account() -> str:
@@ -618,8 +648,13 @@ class Simulator:
         self.imds.unregister(m.instance_id)
 
     def _release_rootfs(self, m: _Machine) -> None:
-        """Terminated: namespaces, mounts and the layer go; the slot is free again."""
-        if self._rootfs is not None:
-            self._rootfs.halt(m.home, m.instance_id, m.proc, remove_layer=True)
-            self._rootfs.release(m.slot)
-        m.slot = None
+        """Terminated: namespaces, mounts and the layer go (off the lock); then the slot is free again."""
+        host, proc, slot = self._rootfs, m.proc, m.slot
+        if host is None:
+            return
+
+        def teardown() -> None:
+            host.halt(m.home, m.instance_id, proc, remove_layer=True)
+            host.release(slot)
+
+        self._in_background(m, "terminate", teardown)

@@ -41,6 +41,12 @@ def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
     return p.returncode, json.loads(p.stdout)
 
 
+def settled(emu: Emu, iid: str, phase: str) -> dict[str, Any] | None:
+    """The simulator's view of ``iid`` once it is in ``phase`` with no boot or teardown still running."""
+    m = sim_status(emu).get(iid)
+    return m if m is not None and m["phase"] == phase and not m["busy"] else None
+
+
 def rows(pool: Any) -> dict[str, str]:
     return {r.instance_id: r.state.value for r in store.all_records(pool)}
 
@@ -89,8 +95,7 @@ def test_rootfs_instances_provision_release_and_roll_back_through_the_cli_with_t
     assert wait_for(lambda: not online(emu, second), "the rolled-back run's runners to leave GitHub")
     check(pool, emu)
     # Terminated in EC2: its namespaces, mounts and layer are gone with it.
-    gone = wait_for(lambda: sim_status(emu)[created]["phase"] == "terminated" and sim_status(emu)[created],
-                    "the rolled-back instance to be torn down")
+    gone = wait_for(lambda: settled(emu, created, "terminated"), "the rolled-back instance to be torn down")
     home = Path(gone["home"])
     assert not (home / "layer").exists() and not os.path.ismount(home / "root")
 
@@ -109,7 +114,7 @@ def test_a_stopped_rootfs_instance_keeps_its_layer_and_its_agent_comes_back_when
     ec2 = aws.client("ec2", pool.region)
 
     ec2.stop_instances(InstanceIds=[iid])
-    wait_for(lambda: sim_status(emu)[iid]["phase"] == "halted", f"{iid} to halt", 60)
+    wait_for(lambda: settled(emu, iid, "halted"), f"{iid} to halt", 60)
     assert not Path("/run/netns", netns).exists(), "stop leaves no network namespace"
     assert not os.path.ismount(home / "root"), "stop leaves no mount"
     assert (home / "layer/upper/opt/runner-pool/agent.py").exists(), "stop keeps the instance's layer"
@@ -145,7 +150,7 @@ def test_the_agents_power_off_terminates_a_rootfs_instance_like_ec2s_shutdown_be
                                  {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
                                                                         "Value": pool.config.name}]}])
     iid = resp["Instances"][0]["InstanceId"]
-    wait_for(lambda: sim_status(emu).get(iid, {}).get("phase") == "shutdown", f"{iid} to power off", BOOT_S)
+    wait_for(lambda: settled(emu, iid, "shutdown"), f"{iid} to power off", BOOT_S)
 
     def state() -> str:
         found = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
@@ -218,3 +223,28 @@ def test_local_stop_cleans_up_rootfs_instances_even_after_the_daemon_was_killed(
     assert rootfs.processes_rooted_below(state_dir) == []
     assert rootfs.mounts_below(state_dir) == []
     assert [n for n in names if Path("/run/netns", n).exists()] == []
+
+
+def test_a_killed_agent_leaves_a_rootfs_instance_running_and_silent_like_a_wedged_ec2_instance(
+        make_pool: Any, emu: Emu) -> None:
+    pool = rootfs_pool(make_pool, emu)
+    ec2 = aws.client("ec2", pool.region)
+    resp = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name},
+                             MinCount=1, MaxCount=1, SubnetId=pool.config.subnets[0], TagSpecifications=[
+                                 {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
+                                                                        "Value": pool.config.name}]}])
+    iid = resp["Instances"][0]["InstanceId"]
+
+    def heartbeat() -> float:
+        agent = store.read_set(pool, [iid])[iid][1]
+        return float(agent.heartbeat_at or 0) if agent is not None else 0.0
+    wait_for(heartbeat, f"{iid}'s agent to heartbeat", BOOT_S)
+    emu.kill_agent(iid)
+    assert sim_status(emu)[iid]["phase"] == "killed"
+    last = heartbeat()
+    time.sleep(3 * pool.config.heartbeat_interval_s + 1)
+    assert heartbeat() == last, "a killed agent heartbeats no more"
+    found = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert found["State"]["Name"] == "running", "the instance stays up without its agent: reconcile's to find"
+    assert inside(emu, iid, ["pgrep", "-c", "-x", "rp-init"]).stdout.strip() == "1"
+    ec2.terminate_instances(InstanceIds=[iid])
