@@ -540,11 +540,16 @@ class Simulator:
                 if m.slot is None:
                     m.slot = host.slot()
                 address = rootfs.slot_addresses(m.slot)[1]
+                keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing"}
+                if self.agent_credentials is not None:          # the instance role's session (IAM enforced)
+                    keys.update(self.agent_credentials(m.instance_id))
                 self.imds.register(m.instance_id, m.instance_type, facts["az"], m.region, self._account(),
                                    user_data, facts["tags"], image_id=facts.get("image_id") or "ami-00000000",
-                                   pending_time=_epoch(facts.get("launched")), address=address,
-                                   role=INSTANCE_ROLE, credentials={"AccessKeyId": "testing",
-                                                                    "SecretAccessKey": "testing", "Token": "testing"})
+                                   pending_time=_epoch(facts.get("launched")), address=address, role=INSTANCE_ROLE,
+                                   credentials={"AccessKeyId": keys["AWS_ACCESS_KEY_ID"],
+                                                "SecretAccessKey": keys["AWS_SECRET_ACCESS_KEY"],
+                                                "Token": keys.get("AWS_SESSION_TOKEN", "")})
                 if self._stop.is_set():
                     raise rootfs.RootfsError("the simulator is stopping")
                 with open(self._console(m), "ab") as console:
