@@ -12,9 +12,8 @@ One command:
    start``), one pool per kind; each provisions ``--instances`` runners
    cold, in one run. Per instance: seconds from the simulator's boot (the
    instance left ``booting``) to the agent's ``registered`` signal, and the
-   CPU seconds the instance spent getting there (for rootfs: ``rp-init`` and
-   every child it reaped -- apt, dpkg, useradd, the agent; for the process
-   kind: the agent's process group).
+   CPU seconds the instance spent getting there (its live processes and every
+   child they reaped: for rootfs apt, dpkg and useradd are among them).
 3. **Idle footprint.** With every runner registered and idle for
    ``--seconds``: CPU % (utime+stime deltas of the instance's processes),
    memory (PSS from ``/proc/<pid>/smaps_rollup``, so pages shared between
@@ -101,14 +100,9 @@ def measure_kind(loc: Any, kind: str, n: int, seconds: float) -> dict[str, Any]:
     agents = store.read_set(pool, res.instance_ids)
     boot_to_registered = [float(agents[i][1].signal_at) - float(status[i]["started_at"])   # type: ignore[union-attr]
                           for i in res.instance_ids]
-    boot_cpu = []
-    for i in res.instance_ids:
-        m = status[i]
-        if kind == "rootfs":
-            boot_cpu.append(ticks(int(m["init_pid"]), children=True) / CLK_TCK
-                            + sum(ticks(p) for p in pids_of(m) if p != m["init_pid"]) / CLK_TCK)
-        else:
-            boot_cpu.append(sum(ticks(p, children=True) for p in pids_of(m)) / CLK_TCK)
+    # CPU seconds so far: every live process of the instance with the children it reaped (apt, dpkg,
+    # useradd... were reaped by the bootstrap, which then became the agent), so nothing counts twice.
+    boot_cpu = [sum(ticks(p, children=True) for p in pids_of(status[i])) / CLK_TCK for i in res.instance_ids]
     before = {i: sum(ticks(p) for p in pids_of(status[i])) for i in res.instance_ids}
     time.sleep(seconds)
     cpu, pss, rss, procs, disk = [], [], [], [], []
