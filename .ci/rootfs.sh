@@ -11,5 +11,7 @@ if [ -n "$missing" ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap iptables util-linux dpkg-dev
 fi
-python -m controlplane.local.rootfs check
+if ! python -m controlplane.local.rootfs check; then
+  echo "rootfs: instances cannot run here: tests/rootfs fail under CI=true and skip elsewhere"; exit 0
+fi
 python -m controlplane.local.rootfs build
