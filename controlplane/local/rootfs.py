@@ -447,9 +447,15 @@ def netns_names(prefix: str) -> list[str]:
 
 
 def boot_argv(netns: str, root: Path, env: dict[str, str]) -> list[str]:
-    """The command that boots one instance: new mount+PID namespaces in ``netns``, chrooted into ``root``."""
+    """The command that boots one instance: new mount+PID namespaces in ``netns``, chrooted into ``root``.
+
+    (``nice`` execs ``ip``, which execs ``unshare``: the process the simulator holds is ``unshare`` and its
+    one child is the instance's PID 1.)
+    """
     envargs = [f"{k}={v}" for k, v in sorted(env.items())]
-    return ["ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+    # nice 10: a booting instance's apt-get (about 10 CPU seconds) yields to the host's other work -- on a
+    # shared 2-core machine, the process-kind agents' heartbeats of other tests.
+    return ["nice", "-n", "10", "ip", "netns", "exec", netns, "unshare", "--mount", "--pid", "--fork", "--propagation", "private",
             "chroot", str(root), "/usr/bin/env", "-i", *envargs, "/usr/sbin/rp-init"]
 
 
