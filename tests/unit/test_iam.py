@@ -306,3 +306,10 @@ def test_docs_security_explains_every_statement_of_every_policy() -> None:
     assert [sid for sid in sids if f"`{sid}`" not in text and f'"{sid}"' not in text] == []
     admin = [a.split(":")[1] for a in actions(pool_admin_policy(cfg(), ACCOUNT, "aws"))]
     assert [a for a in admin if a not in text] == []
+
+
+def test_local_start_with_a_config_but_without_enforce_iam_is_bad_input(pool_file: Path, tmp_path: Path) -> None:
+    res = run_cli("local", "start", "--config", str(pool_file), "--state-dir", str(tmp_path / "local"))
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("error: --config is given without --enforce-iam")
+    assert not (tmp_path / "local").exists()                 # nothing started
