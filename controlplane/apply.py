@@ -17,7 +17,7 @@ from controlplane import aws, launch_template, pool, store, token
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigErrors
-from controlplane.github import GitHubClient, github_client_from_env
+from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
 from controlplane.store import Pool
 
@@ -42,7 +42,7 @@ class ApplyResult:
 
 def apply_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progress = QUIET) -> ApplyResult:
     started = time.monotonic()
-    github = github or github_client_from_env(cfg.github.api_url, cfg.github.scope)  # fails before any AWS change
+    github = github or github_client_for(cfg.github)  # fails before any AWS change
     launch_template.render(cfg)                                                     # user data size check, too
     check_network(cfg)                                                              # reads only
     account, partition = aws.account_and_partition(cfg.region)

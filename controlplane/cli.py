@@ -112,10 +112,10 @@ def _github(cfg: Any, required: bool = True) -> Any:
     ``required=False``: no token means None (the command works without GitHub);
     a token that is set but rejected is still bad input.
     """
-    from controlplane.github import github_client_from_env
+    from controlplane.github import github_client_for
 
     try:
-        gh = github_client_from_env(cfg.github.api_url, cfg.github.scope)
+        gh = github_client_for(cfg.github)
     except ConfigError:
         if required:
             raise

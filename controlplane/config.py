@@ -95,6 +95,8 @@ class ResourceClass(_Model):
     )
     burstable: bool = Field(default=False, description="allow burstable (t*) types")
     accelerators: Accelerators | None = Field(default=None, description="optional accelerator requirements")
+    ephemeral: bool | None = Field(
+        default=None, description="one job per instance, never reused (just-in-time runners); unset: the pool's")
 
     @field_validator("vcpu")
     @classmethod
@@ -139,11 +141,25 @@ class GitHubConfig(_Model):
                                           description="checksum of the x64 runner tarball (checked when set)")
     runner_sha256_arm64: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                             description="checksum of the arm64 runner tarball (checked when set)")
+    app_id: int | None = Field(default=None, ge=1,
+                               description="GitHub App id: authenticate as its installation instead of a PAT "
+                                           "(private key in RUNNER_POOL_GITHUB_APP_PRIVATE_KEY[_FILE])")
+    app_installation_id: int | None = Field(default=None, ge=1,
+                                            description="the App's installation id on the repository or org")
+    runner_group_id: int = Field(default=1, ge=1,
+                                 description="runner group of just-in-time runners (1: Default; org pools: the "
+                                             "pool's own group)")
 
     @model_validator(mode="after")
     def _one_scope(self) -> GitHubConfig:
         if (self.repository is None) == (self.organization is None):
             raise ValueError("set exactly one of github.repository (owner/repo) or github.organization")
+        return self
+
+    @model_validator(mode="after")
+    def _app_pair(self) -> GitHubConfig:
+        if (self.app_id is None) != (self.app_installation_id is None):
+            raise ValueError("set both github.app_id and github.app_installation_id, or neither")
         return self
 
     @property
@@ -164,6 +180,9 @@ class PoolConfig(_Model):
     instance_profile: str = Field(pattern=r"^[\w+=,.@-]{1,128}$", description="IAM instance profile name")
     usage_class: UsageClass = Field(default="on-demand", description="default usage class of created instances")
     spot_fallback: bool = Field(default=True, description="on a spot shortfall, create the rest on-demand")
+    ephemeral: bool = Field(default=False,
+                            description="every runner takes one job from a just-in-time config and its instance "
+                                        "is never reused (for untrusted code: public repositories, forks)")
     idle_time_s: int = Field(default=420, ge=30, le=7 * 86400, description="how long an idle runner waits in the pool")
     max_runtime_s: int = Field(default=1800, ge=60, le=7 * 86400, description="how long a run may hold its runners")
     max_reuse: int = Field(default=20, ge=0, le=10_000, description="runs an instance serves before it is terminated")
@@ -254,6 +273,12 @@ class PoolConfig(_Model):
     @property
     def pool_label(self) -> str:
         return f"runner-pool-{self.name}"
+
+    def is_ephemeral(self, resource_class: str) -> bool:
+        """Ephemeral for this class: the class's own setting, else the pool's."""
+        rc = self.resource_classes.get(resource_class)
+        own = rc.ephemeral if rc is not None else None
+        return self.ephemeral if own is None else own
 
     def resource_class(self, name: str) -> ResourceClass:
         try:

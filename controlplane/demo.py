@@ -66,7 +66,7 @@ def run_demo(json_output: bool = False, state_dir: Path | None = None) -> int:
     from controlplane import store
     from controlplane.apply import apply_pool, destroy_pool, pool_instance_ids
     from controlplane.config import load_config, with_env_overrides
-    from controlplane.github import github_client_from_env
+    from controlplane.github import github_client_for
     from controlplane.local import control
     from controlplane.logs import Progress
     from controlplane.provision import ProvisionRequest, provision
@@ -145,7 +145,7 @@ def run_demo(json_output: bool = False, state_dir: Path | None = None) -> int:
         cfg = ctx.get("cfg")
         left = 0
         if cfg is not None:
-            gh = github_client_from_env(cfg.github.api_url, cfg.github.scope)
+            gh = github_client_for(cfg.github)
             destroy_pool(cfg, gh)
             left = len(pool_instance_ids(cfg))
         res = control.stop(state_dir)

@@ -26,7 +26,7 @@ from typing import Any
 
 from controlplane import aws, store
 from controlplane.clock import SYSTEM_CLOCK, Clock
-from controlplane.github import GitHubClient, GitHubRunner, github_client_from_env
+from controlplane.github import GitHubClient, GitHubRunner, github_client_for
 from controlplane.errors import ConfigError
 from controlplane.logs import QUIET, Progress, event
 from controlplane.records import InstanceRecord, State
@@ -193,7 +193,7 @@ def reconcile(pool: Pool, dry_run: bool = False, github: GitHubClient | None = N
               progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ReconcileResult:
     if github is None:
         try:
-            github = github_client_from_env(pool.config.github.api_url, pool.config.github.scope)
+            github = github_client_for(pool.config.github)
         except ConfigError:
             github = None                       # without a token, EC2 and the table are still reconciled
     progress.phase(f"reconcile {pool.name}: reading the table, EC2" + (" and GitHub" if github else ""))

@@ -30,7 +30,8 @@ KEY_ATTRIBUTES: tuple[str, ...] = ("pk", "sk")
 # (controlplane/agent/agent.py, which cannot import this package) writes nothing else. None of them
 # is a key of the table's indexes (run_id, state, threshold), so no agent write lands in an index.
 AGENT_ATTRIBUTES: tuple[str, ...] = (
-    "heartbeat_at", "signal", "signal_at", "signal_run", "runner_name", "detail", "instance_id", "expires_at",
+    "heartbeat_at", "signal", "signal_at", "signal_run", "runner_name", "runner_id", "detail", "instance_id",
+    "expires_at",
 )
 
 
@@ -65,6 +66,15 @@ class Signal(str, enum.Enum):
 
 
 FAILURE_SIGNALS = frozenset({Signal.REGISTRATION_FAILED, Signal.PRERUNNER_FAILED, Signal.SHUTDOWN})
+
+# State-row attributes that carry what one agent needs to register one runner: the pool's
+# registration token (reused mode) or a just-in-time runner config (ephemeral mode). The control
+# plane sets one of them only on a ``created`` or ``claimed`` row, and every transition out of
+# those states removes both (controlplane.state.transition), so no row past commit or rollback
+# holds one. Only the instance itself can read its state row.
+REGISTRATION_TOKEN = "registration_token"
+JIT_CONFIG = "jit_config"
+REGISTRATION_ATTRIBUTES = (REGISTRATION_TOKEN, JIT_CONFIG)
 
 
 class UnreadableRow(ValueError):
@@ -220,6 +230,7 @@ class AgentRecord:
     signal_at: float | None = None
     runner_name: str | None = None
     detail: str | None = None
+    runner_id: int | None = None          # GitHub's id of the runner named runner_name (agent-reported)
 
     @property
     def instance_id(self) -> str:
@@ -246,6 +257,7 @@ class AgentRecord:
                 signal=signal, signal_run=_opt_text(v.get("signal_run")),
                 signal_at=_opt_float(v.get("signal_at")),
                 runner_name=_opt_text(v.get("runner_name")), detail=_opt_text(v.get("detail")),
+                runner_id=_runner_id(v.get("runner_id")),
             )
         return _readable("agent", AGENT_SK, item, read)  # type: ignore[no-any-return]
 
@@ -266,6 +278,17 @@ class AgentRecord:
         if self.signal == Signal.PRERUNNER_FAILED or self.signal == Signal.SHUTDOWN:
             return True
         return self.signal == Signal.REGISTRATION_FAILED and self.signal_run == run_id
+
+
+def _runner_id(value: Any) -> int | None:
+    """The agent writes it, so it may be anything: a positive int or nothing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number > 0 else None
 
 
 @dataclass(frozen=True)

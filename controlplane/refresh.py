@@ -27,7 +27,7 @@ from typing import Any
 from controlplane import aws, launch_template, pool as pool_q, store, token
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import PoolConfig
-from controlplane.github import GitHubClient, github_client_from_env
+from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
 from controlplane.provision import finalize
 from controlplane.reconcile import ReconcileResult, reconcile
@@ -82,7 +82,7 @@ class RefreshResult:
 def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progress = QUIET,
             clock: Clock = SYSTEM_CLOCK, run_reconcile: bool = True) -> RefreshResult:
     started = time.monotonic()
-    github = github or github_client_from_env(cfg.github.api_url, cfg.github.scope)
+    github = github or github_client_for(cfg.github)
     launch_template.render(cfg)                          # bad input fails here, before any change
     account, partition = aws.account_and_partition(cfg.region)
     pool = Pool(cfg, account, partition)

@@ -1,11 +1,13 @@
 """Release: give a run's runners back to the pool.
 
 For every instance of the run: clear the run from its row (``-> draining``),
-wait until its agent signals that the runner is deregistered, then put it
-back to ``idle`` with a fresh idle threshold and requeue it in its class's
-queue. An instance is terminated instead when its agent does not confirm in
-time (or is dead: no fresh heartbeat), when it has served ``max_reuse`` runs,
-is older than ``max_lifetime_s``, or its class is no longer configured.
+wait until its agent signals that it stopped the runner and wiped its
+credentials, delete the runner on GitHub (REST API, by the id the agent
+reported), then put it back to ``idle`` with a fresh idle threshold and
+requeue it in its class's queue. An instance is terminated instead when its
+agent does not confirm in time (or is dead: no fresh heartbeat), when it has
+served ``max_reuse`` runs, is older than ``max_lifetime_s``, its class is no
+longer configured, or its class is ephemeral (one run per instance).
 Instances of the run still ``created`` (a provision that died) are
 terminated.
 
@@ -21,6 +23,7 @@ from typing import Any
 
 from controlplane import aws, metrics, store
 from controlplane.clock import SYSTEM_CLOCK, Clock
+from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
 from controlplane.provision import finalize
 from controlplane.records import InstanceRecord, Member, State
@@ -60,7 +63,9 @@ def member_of(r: InstanceRecord) -> Member:
     return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
 
 
-def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ReleaseResult:
+def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
+            github: GitHubClient | None = None) -> ReleaseResult:
+    gh = github or github_client_for(pool.config.github)     # no credential: bad input, before any AWS call
     counter = aws.CallCounter()
     token = aws.counting(counter)
     started = time.monotonic()
@@ -81,6 +86,8 @@ def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = 
             r = by_id[m.instance_id]
             if m.resource_class not in cfg.resource_classes:
                 return f"class {m.resource_class} is no longer configured"
+            if cfg.is_ephemeral(m.resource_class):
+                return "ephemeral: an instance serves one run"
             if r.reuse_count >= cfg.max_reuse:
                 return f"served {r.reuse_count} runs (max_reuse {cfg.max_reuse})"
             if now - r.launched_at >= cfg.max_lifetime_s:
@@ -88,9 +95,9 @@ def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = 
             return None
 
         progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
-        cleanup = finalize.terminate(pool, [(r.instance_id, State.CREATED, run_id) for r in created], clock)
+        cleanup = finalize.terminate(pool, [(r.instance_id, State.CREATED, run_id) for r in created], clock, gh)
         cleanup.merge(finalize.return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
-                                              retire=retire))
+                                              retire=retire, github=gh))
         res.returned_to_pool, res.terminated, res.failed = (cleanup.returned_to_pool, cleanup.terminated,
                                                             cleanup.failed)
         return res

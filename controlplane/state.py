@@ -20,7 +20,7 @@ from typing import Any, Literal
 from botocore.exceptions import ClientError
 
 from controlplane import aws
-from controlplane.records import STATE_SK, InstanceRecord, State, num
+from controlplane.records import REGISTRATION_ATTRIBUTES, STATE_SK, InstanceRecord, State, num
 
 # (from, to): why the edge exists. Anything not listed is refused before any call.
 TRANSITIONS: dict[tuple[State, State], str] = {
@@ -73,15 +73,22 @@ def transition(
     new_run_id: str | None | Keep = KEEP,
     when: When = "unexpired",
     count_reuse: bool = False,
+    registration: dict[str, str] | None = None,
 ) -> Transition:
     """Move one row ``from_`` -> ``to`` if it is still in ``from_`` with ``run_id``.
 
     ``run_id=None`` expects the row to belong to no run. ``new_run_id`` sets
     (str), clears (None) or keeps (KEEP) the run; clearing remembers it in
     ``last_run_id``. ``when`` adds a condition on the current threshold.
+    ``registration`` (only into ``claimed``) sets what the agent needs to
+    register its runner; every transition removes whatever of it it does
+    not set, so commit, rollback and termination all take it away.
     """
     if (from_, to) not in TRANSITIONS:
         raise ValueError(f"no transition {from_} -> {to}")
+    registration = registration or {}
+    if registration and (to is not State.CLAIMED or set(registration) - set(REGISTRATION_ATTRIBUTES)):
+        raise ValueError(f"a registration credential goes only into a claimed row, not {to}")
     names = {"#s": "state", "#t": "threshold", "#r": "run_id", "#v": "version", "#u": "updated_at"}
     values: dict[str, Any] = {
         ":from": {"S": from_.value}, ":to": {"S": to.value}, ":thr": num(threshold), ":now": num(now),
@@ -107,6 +114,13 @@ def transition(
         if run_id is not None:
             names["#l"] = "last_run_id"
             sets.append("#l = :run")
+    for i, attr in enumerate(REGISTRATION_ATTRIBUTES):
+        names[f"#g{i}"] = attr
+        if attr in registration:
+            sets.append(f"#g{i} = :g{i}")
+            values[f":g{i}"] = {"S": registration[attr]}
+        else:
+            removes.append(f"#g{i}")
     if to is State.TERMINATED:
         names["#x"] = "expires_at"
         sets.append("#x = :exp")

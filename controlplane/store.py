@@ -36,6 +36,7 @@ from controlplane.logs import event
 from controlplane.records import (
     AGENT_SK,
     POOL_PK,
+    REGISTRATION_ATTRIBUTES,
     STATE_SK,
     AgentRecord,
     InstanceRecord,
@@ -238,8 +239,12 @@ def update_pool_meta(pool: Pool, **fields: Any) -> None:
 # ---------------------------------------------------------------- rows
 
 def put_created(pool: Pool, launched: Iterable[LaunchedInstance], run_id: str, resource_class: str,
-                threshold: float, now: float) -> list[InstanceRecord]:
-    """Write ``created`` rows for instances CreateFleet just returned (BatchWriteItem)."""
+                threshold: float, now: float, registration: dict[str, str] | None = None) -> list[InstanceRecord]:
+    """Write ``created`` rows for instances CreateFleet just returned (BatchWriteItem).
+
+    ``registration`` (see :data:`controlplane.records.REGISTRATION_ATTRIBUTES`)
+    goes into every row: what each agent needs to register its one runner.
+    """
     records = [
         InstanceRecord(arn=pool.arn(li.instance_id), state=State.CREATED, threshold=threshold,
                        resource_class=resource_class, instance_type=li.instance_type, usage_class=li.usage_class,
@@ -247,8 +252,31 @@ def put_created(pool: Pool, launched: Iterable[LaunchedInstance], run_id: str, r
                        availability_zone=li.availability_zone)
         for li in launched
     ]
-    _batch_write(pool, [{"PutRequest": {"Item": r.to_item()}} for r in records])
+    extra = {k: {"S": v} for k, v in (registration or {}).items() if k in REGISTRATION_ATTRIBUTES}
+    _batch_write(pool, [{"PutRequest": {"Item": {**r.to_item(), **extra}}} for r in records])
     return records
+
+
+def set_registration(pool: Pool, instance_id: str, run_id: str, state: State, attr: str, value: str) -> bool:
+    """Put one runner's credential into a row still ``state`` (created/claimed) for ``run_id``.
+
+    False when the row moved on (its credential would be useless: the next
+    transition removes it anyway, so nothing is written).
+    """
+    if attr not in REGISTRATION_ATTRIBUTES or state not in (State.CREATED, State.CLAIMED):
+        raise ValueError(f"no credential {attr!r} on a {state} row")
+    ddb = aws.client("dynamodb", pool.region)
+    try:
+        ddb.update_item(
+            TableName=pool.table, Key={"pk": {"S": pool.arn(instance_id)}, "sk": {"S": STATE_SK}},
+            ConditionExpression="#s = :s AND #r = :r", UpdateExpression="SET #g = :g",
+            ExpressionAttributeNames={"#s": "state", "#r": "run_id", "#g": attr},
+            ExpressionAttributeValues={":s": {"S": state.value}, ":r": {"S": run_id}, ":g": {"S": value}})
+    except ClientError as exc:
+        if aws.is_conditional_failure(exc):
+            return False
+        raise aws.wrap(exc, f"dynamodb:UpdateItem credential of {instance_id}") from exc
+    return True
 
 
 def put_record(pool: Pool, record: InstanceRecord) -> None:

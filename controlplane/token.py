@@ -1,11 +1,16 @@
-"""Runner tokens in SSM Parameter Store (SecureString), never anywhere else.
+"""The pool's runner registration token in SSM Parameter Store (SecureString).
 
-GitHub registration and removal tokens last one hour. The pool keeps both in
-one SecureString parameter as JSON ``{"registration", "removal",
-"expires_at"}``; only the control plane writes it, and an instance may read
-exactly this parameter (see the IAM policy). Tokens never appear in user data,
-logs, stack outputs or the state table. :func:`ensure_tokens` rotates them when
-less than ``token_refresh_margin_s`` of their life is left.
+A GitHub registration token lasts one hour. The pool keeps it in one
+SecureString parameter as JSON ``{"registration", "expires_at"}``; only the
+control plane reads and writes it: instances have no SSM permission at all.
+A provision reads it and hands it to exactly the instances that must
+register, through each one's own state row, and the commit or rollback
+removes it from those rows (see docs/architecture.md, "Runner credentials").
+There is no removal token any more: the control plane removes runners with
+the REST API (``DELETE .../actions/runners/{id}``). Tokens never appear in
+user data, logs, stack outputs, or a state row past commit.
+:func:`ensure_tokens` rotates the token when less than
+``token_refresh_margin_s`` of its life is left.
 """
 from __future__ import annotations
 
@@ -23,11 +28,10 @@ from controlplane.github import GitHubClient
 @dataclass(frozen=True)
 class StoredTokens:
     registration: str
-    removal: str
     expires_at: float
 
     def __repr__(self) -> str:
-        return f"StoredTokens(expires_at={self.expires_at:.0f}, registration=***, removal=***)"
+        return f"StoredTokens(expires_at={self.expires_at:.0f}, registration=***)"
 
     def seconds_left(self, now: float) -> float:
         return self.expires_at - now
@@ -43,18 +47,18 @@ def read_tokens(cfg: PoolConfig) -> StoredTokens | None:
         raise aws.wrap(exc, f"ssm:GetParameter {cfg.token_parameter}") from exc
     try:
         data = json.loads(value)
-        return StoredTokens(str(data["registration"]), str(data["removal"]), float(data["expires_at"]))
+        return StoredTokens(str(data["registration"]), float(data["expires_at"]))
     except (ValueError, KeyError, TypeError):
         return None
 
 
 def write_tokens(cfg: PoolConfig, tokens: StoredTokens) -> None:
     ssm = aws.client("ssm", cfg.region)
-    value = json.dumps({"registration": tokens.registration, "removal": tokens.removal,
-                        "expires_at": tokens.expires_at})
+    value = json.dumps({"registration": tokens.registration, "expires_at": tokens.expires_at})
     try:
         ssm.put_parameter(Name=cfg.token_parameter, Value=value, Type="SecureString", Overwrite=True,
-                          Description=f"GitHub runner tokens of runner-pool {cfg.name} (rotated by refresh)")
+                          Description=f"GitHub runner registration token of runner-pool {cfg.name} "
+                                      "(rotated by refresh and provision)")
     except ClientError as exc:
         raise aws.wrap(exc, f"ssm:PutParameter {cfg.token_parameter}") from exc
 
@@ -70,13 +74,12 @@ def delete_tokens(cfg: PoolConfig) -> None:
 
 def ensure_tokens(cfg: PoolConfig, github: GitHubClient, now: float | None = None,
                   force: bool = False) -> tuple[StoredTokens, bool]:
-    """Fresh tokens in SSM; returns (tokens, rotated). Rotates inside the margin."""
+    """A fresh token in SSM; returns (tokens, rotated). Rotates inside the margin."""
     now = time.time() if now is None else now
     current = read_tokens(cfg)
     if not force and current is not None and current.seconds_left(now) > cfg.token_refresh_margin_s:
         return current, False
     reg = github.registration_token()
-    rem = github.removal_token()
-    tokens = StoredTokens(reg.token, rem.token, min(reg.expires_at, rem.expires_at))
+    tokens = StoredTokens(reg.token, reg.expires_at)
     write_tokens(cfg, tokens)
     return tokens, True

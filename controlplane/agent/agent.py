@@ -2,30 +2,41 @@
 
 Contract (docs/architecture.md): the agent learns who it is from IMDSv2 only,
 reads only its own state row (``pk=<instance ARN>, sk=state``, consistent
-GetItem), writes only its own agent row (``pk=agent#<ARN>, sk=agent``, always
-UpdateItem, never PutItem) and reads only the SSM parameter
-``RP_TOKEN_PARAM``; the instance policy pins it to exactly that. The control
-plane moves the state row and the agent follows it:
+GetItem) and writes only its own agent row (``pk=agent#<ARN>, sk=agent``,
+always UpdateItem, never PutItem, only the attributes of
+``controlplane.records.AGENT_ATTRIBUTES``); the instance policy pins it to
+exactly that, and grants no SSM at all. The control plane moves the state row
+and the agent follows it:
 
 * the row names a run (state created/claimed/running) -> register a runner
   named ``<instance-id>-<n>``, labelled ``<run>,<pool label>``, start
-  ``run.sh`` and signal ``registered``;
+  ``run.sh`` and signal ``registered`` with the runner's GitHub id. What it
+  registers with is in the row itself, put there by the control plane for
+  this one registration: ``registration_token`` (``config.sh``) or
+  ``jit_config`` (ephemeral: ``run.sh`` alone). The commit or rollback
+  removes it from the row; the agent keeps it only in memory while
+  ``config.sh`` runs and hands it over in the environment
+  (``ACTIONS_RUNNER_INPUT_TOKEN`` / ``..._JITCONFIG``), never argv or a file;
 * the row no longer names that run (release, rollback, another run) -> stop
-  ``run.sh``, remove the runner from GitHub with a removal token, and only then
-  signal ``deregistered``; only after that may it register again;
+  ``run.sh``, wipe the runner's local credential files and signal
+  ``deregistered``. The control plane removes the runner from GitHub through
+  the REST API (the instance holds no removal token); only after that may it
+  register again;
 * the row is ``terminated``, its threshold passed 60 s ago, it never appeared,
   the instance is too old, DynamoDB has been unreachable too long, or
   registration keeps failing -> signal ``shutdown`` and power off. No
   instance outlives its row, and no agent waits forever.
 
+When ``RP_RUNNER_USER`` names a user and the agent is root, ``config.sh``
+and ``run.sh`` (so every job) run as that user, with its own HOME and an
+environment that carries nothing of the agent's (no AWS or RP_* variables);
+``RUNNER_ALLOW_RUNASROOT`` is set only when no runner user is configured.
+
 Why it differs from the reference's bash loop (notes §11, §14): the
 heartbeat runs from the agent's first second (the reference only beat after
-the pre-runner script and the download, so a slow bootstrap looked dead);
-deregistration is a real ``config.sh remove --token`` (tokenless removal left
-offline runners on GitHub); an instance whose row never appears still shuts
-itself down; every wait has a deadline; tokens come from SSM and are never
-logged or written to disk (they are passed to ``config.sh`` as an argument,
-as the runner requires).
+the pre-runner script and the download, so a slow bootstrap looked dead); an
+instance whose row never appears still shuts itself down; every wait has a
+deadline; no secret outlives the registration it was delivered for.
 
 Python >= 3.9, stdlib + boto3 only: this exact file ships (comments blanked)
 inside the user data, and the local simulator runs that same user data.
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -55,7 +67,12 @@ ROW_TTL_S = 86400                                  # each heartbeat pushes the a
 LISTENING = b"Listening for Jobs"
 RUNNER_DELETED = 2                                 # run.sh exit code: the runner was deleted on GitHub
 LOCAL_FILES = (".runner", ".credentials", ".credentials_rsaparams")
-REQUIRED = ("RP_TABLE", "RP_TOKEN_PARAM", "RP_GITHUB_URL", "RP_GITHUB_SCOPE", "RP_POOL_LABEL")
+REQUIRED = ("RP_TABLE", "RP_GITHUB_URL", "RP_GITHUB_SCOPE", "RP_POOL_LABEL")
+TOKEN_ATTR, JIT_ATTR = "registration_token", "jit_config"     # state-row credentials (controlplane.records)
+# What the runner's processes inherit from the agent's environment: nothing else (no AWS_*, no RP_*).
+RUNNER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "http_proxy", "https_proxy", "no_proxy",
+              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "RUNNER_POOL_PYTHON")
+RUNNER_ENV_PREFIX = "RUNNER_POOL_STANDIN_"                    # the local runner stand-in's own knobs
 # Tunables (environment name -> default); Cfg exposes RP_HEARTBEAT_S as cfg.heartbeat_s and so on.
 NUMBERS = {
     "RP_HEARTBEAT_S": 5, "RP_LOST_CONTACT_S": 300, "RP_MAX_LIFETIME_S": 86400, "RP_NO_ROW_TIMEOUT_S": 600,
@@ -86,7 +103,7 @@ class Cfg:
         self.pool = env.get("RP_POOL", "")
         self.table = env["RP_TABLE"]
         self.region = env.get("RP_REGION", "")
-        self.token_param = env["RP_TOKEN_PARAM"]
+        self.runner_user = env.get("RP_RUNNER_USER") or ""
         self.url = env["RP_GITHUB_URL"].rstrip("/") + "/" + env["RP_GITHUB_SCOPE"].strip("/")
         self.label = env["RP_POOL_LABEL"]
         self.home = env.get("RUNNER_POOL_HOME") or "/opt/runner-pool"
@@ -102,6 +119,26 @@ class Cfg:
                 raise AgentError(f"{name}={env.get(name)!r} is not a number") from None
             setattr(self, name[3:].lower(), max(0.0, value))
         self.attempts = max(1, int(self.registration_attempts))
+        self.runner_as: dict[str, Any] | None = None     # Popen user/group/extra_groups for the runner
+        self.runner_home = env.get("HOME") or "/root"
+        if self.runner_user and os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam(self.runner_user)
+            except KeyError:
+                raise AgentError(f"RP_RUNNER_USER={self.runner_user!r}: no such user") from None
+            self.runner_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            self.runner_home = pw.pw_dir
+
+    def runner_env(self, **extra: str) -> dict[str, str]:
+        """The runner's environment: the allow-list above, its user's HOME, and ``extra``."""
+        env = {k: v for k, v in os.environ.items() if k in RUNNER_ENV or k.startswith(RUNNER_ENV_PREFIX)}
+        env["HOME"] = self.runner_home
+        if self.runner_user:
+            env["USER"] = env["LOGNAME"] = self.runner_user
+        else:
+            env["RUNNER_ALLOW_RUNASROOT"] = "1"     # the process kind runs us as root, with no runner user
+        env.update(extra)
+        return env
 
 
 def shutdown_cmd() -> list[str]:
@@ -172,7 +209,7 @@ def identity(base: str, timeout_s: float, log: Log) -> tuple[dict[str, Any], str
 
 
 class Aws:
-    """The three calls the instance policy allows. Clients retry adaptively, with timeouts."""
+    """The two calls the instance policy allows. Clients retry adaptively, with timeouts."""
 
     def __init__(self, cfg: Cfg, region: str, arn: str) -> None:
         self.cfg = cfg
@@ -181,7 +218,6 @@ class Aws:
         self.agent_key = {"pk": {"S": "agent#" + arn}, "sk": {"S": "agent"}}
         self.last_ok = time.monotonic()                 # last successful DynamoDB call, any thread
         self.ddb = self.client("dynamodb", 5, 10)       # low-level clients are thread-safe
-        self.ssm: Any = None                            # made on first use: an idle agent never needs it
         self.quick: Any = None
 
     def client(self, service: str, attempts: int, read_s: float) -> Any:
@@ -213,28 +249,20 @@ class Aws:
             ExpressionAttributeNames=names, ExpressionAttributeValues=values)
         self.last_ok = time.monotonic()
 
-    def token(self, kind: str) -> str:
-        if self.ssm is None:
-            self.ssm = self.client("ssm", 5, 10)
-        value = self.ssm.get_parameter(Name=self.cfg.token_param, WithDecryption=True)["Parameter"]["Value"]
-        token = json.loads(value)[kind]
-        if not token:
-            raise ValueError(f"no {kind} token in {self.cfg.token_param}")
-        return str(token)
 
+def run(argv: list[str], cwd: str, log_path: str, timeout_s: float, abort: threading.Event | None = None,
+        env: dict[str, str] | None = None, user: dict[str, Any] | None = None) -> tuple[int | None, str]:
+    """Run ``argv`` in its own process group, output appended to ``log_path``.
 
-def run(argv: list[str], cwd: str, log_path: str, timeout_s: float,
-        abort: threading.Event | None = None, runner: bool = False) -> tuple[int | None, str]:
-    """Run ``argv`` in its own process group, output appended to ``log_path`` (as the runner user: ``runner``).
-
-    The group is SIGKILLed at the deadline or when ``abort`` is set; the exit
-    code is then ``None``. Returns the code and the tail of this run's output.
+    ``env`` defaults to the agent's; ``user`` holds Popen's user/group/
+    extra_groups. The group is SIGKILLed at the deadline or when ``abort`` is
+    set; the exit code is then ``None``. Returns the code and this run's output tail.
     """
-    kw = as_runner() if runner else {"env": child_env()}
     with open(log_path, "ab") as out:
         start = out.tell()
-        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        proc = subprocess.Popen(argv, cwd=cwd, env=dict(os.environ) if env is None else env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, **(user or {}))
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None:
         if time.monotonic() > deadline or (abort is not None and abort.is_set()):
@@ -243,21 +271,6 @@ def run(argv: list[str], cwd: str, log_path: str, timeout_s: float,
             return None, output_tail(log_path, start)
         reap(proc, 0.1)
     return proc.returncode, output_tail(log_path, start)
-
-
-def child_env() -> dict[str, str]:
-    return dict(os.environ, RUNNER_ALLOW_RUNASROOT="1")     # cloud-init runs us as root: runner wants this
-
-
-def as_runner() -> dict[str, Any]:
-    """Popen arguments for config.sh and run.sh: as RP_RUNNER_USER (the bootstrap's) when we are root."""
-    user = os.environ.get("RP_RUNNER_USER")
-    if not user or os.geteuid() != 0:
-        return {"env": child_env()}
-    import pwd
-    pw = pwd.getpwnam(user)
-    env = dict(os.environ, HOME=pw.pw_dir, USER=user, LOGNAME=user)
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "umask": 0o077, "env": env}
 
 
 def reap(proc: subprocess.Popen, timeout_s: float) -> None:
@@ -296,6 +309,8 @@ class Agent:
         self.stop_reason: str | None = None
         self.run_id: str | None = None               # the run this instance is registered for
         self.name: str | None = None                 # its runner's name
+        self.runner_id: int | None = None            # and its GitHub id (from .runner)
+        self.jit = False                                # registered from a just-in-time config (one job)
         self.proc: subprocess.Popen | None = None    # run.sh
         self.count = 0                                  # the <n> of <instance-id>-<n>
         self.redos = 0                                  # re-registrations for the current run
@@ -317,9 +332,10 @@ class Agent:
         now = time.time()
         fields = {"signal": sig, "signal_at": now, "instance_id": self.instance_id,
                   "expires_at": now + ROW_TTL_S, "signal_run": run, "runner_name": self.name if run else None,
-                  "detail": self.log.scrub(detail)[:1000]}
+                  "runner_id": self.runner_id if run else None, "detail": self.log.scrub(detail)[:1000]}
         sets = {k: v for k, v in fields.items() if v}
-        self.log("signal", detail, signal=sig, signal_run=run, runner_name=sets.get("runner_name"))
+        self.log("signal", detail, signal=sig, signal_run=run, runner_name=sets.get("runner_name"),
+                 runner_id=sets.get("runner_id"))
         self.pending = (sets, tuple(sorted(k for k in fields if k not in sets)))
         self.flush(quick)
 
@@ -428,15 +444,20 @@ class Agent:
         if not self.run_id and desired:
             self.count += 1
             self.redos = 0
-            failed = self.register(desired)
+            failed = self.register(desired, row or {})
             if failed:
                 return failed, False
         return None
 
     # -- registration -----------------------------------------------------------------
 
-    def register(self, run_id: str) -> str:
-        """Register for ``run_id`` with bounded attempts; a shutdown reason when all failed."""
+    def register(self, run_id: str, row: dict[str, Any]) -> str:
+        """Register for ``run_id`` with bounded attempts; a shutdown reason when all failed.
+
+        Each attempt takes its credential from the freshest read of the state
+        row: the control plane may have replaced it (a rotated token), and a
+        row that no longer names the run ends the attempts.
+        """
         self.log.run_id = run_id
         self.name = f"{self.instance_id}-{self.count}"
         detail, pause = "", self.cfg.registration_backoff_s
@@ -447,14 +468,14 @@ class Agent:
                 pause *= 2
                 try:
                     row = self.aws.state() or {}
-                except AWS_ERRORS:
-                    row = {"state": "running", "run_id": run_id}
+                except AWS_ERRORS as exc:
+                    self.log("state_read_failed", exc)
                 if row.get("state") not in RUN_STATES or row.get("run_id") != run_id:
                     self.log("registration_abandoned", "the row no longer names this run")
                     self.name = self.log.run_id = None
                     return ""
             started = time.monotonic()
-            ok, detail = self.register_once(run_id)
+            ok, detail = self.register_once(run_id, row)
             if ok:
                 self.run_id = run_id
                 self.signal("registered", run_id, f"{detail} after {time.monotonic() - started:.1f} s, "
@@ -466,62 +487,114 @@ class Agent:
         self.signal("registration_failed", run_id, f"{self.cfg.attempts} attempts, last: {detail}")
         return f"registration for run {run_id} failed {self.cfg.attempts} times"
 
-    def register_once(self, run_id: str) -> tuple[bool, str]:
-        """config.sh, then run.sh until it listens: (registered, what happened)."""
+    def register_once(self, run_id: str, row: dict[str, Any]) -> tuple[bool, str]:
+        """config.sh (unless the row holds a just-in-time config), then run.sh until it listens."""
         self.clean_local()
+        jit, token = row.get(JIT_ATTR), row.get(TOKEN_ATTR)
+        if not jit and not token:
+            return False, "the state row holds no registration credential for this run"
+        self.log.secret(str(jit or token))
         try:
-            token = self.aws.token("registration")
-        except AWS_ERRORS as exc:
-            return False, f"cannot read the registration token: {exc}"
-        self.log.secret(token)
-        argv = ["./config.sh", "--unattended", "--url", self.cfg.url, "--token", token,
-                "--name", str(self.name), "--labels", f"{run_id},{self.cfg.label}",
-                "--no-default-labels", "--replace", "--disableupdate"]
-        try:
-            rc, out = run(argv, self.cfg.runner_dir, self.config_log, self.cfg.registration_timeout_s,
-                          runner=True)
-            if rc != 0:
-                return False, f"config.sh {'killed at its deadline' if rc is None else f'exited {rc}'}: {out}"
-            runner_log = os.path.join(self.cfg.home, "runner.log")
-            with open(runner_log, "ab") as fh:
-                start = fh.tell()
-                self.proc = subprocess.Popen(["./run.sh"], cwd=self.cfg.runner_dir, stdin=subprocess.DEVNULL,
-                                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                             **as_runner())
+            if jit:
+                run_env = self.cfg.runner_env(ACTIONS_RUNNER_INPUT_JITCONFIG=str(jit))
+            else:
+                argv = ["./config.sh", "--unattended", "--url", self.cfg.url, "--name", str(self.name),
+                        "--labels", f"{run_id},{self.cfg.label}", "--no-default-labels", "--replace",
+                        "--disableupdate"]
+                rc, out = run(argv, self.cfg.runner_dir, self.config_log, self.cfg.registration_timeout_s,
+                              env=self.cfg.runner_env(ACTIONS_RUNNER_INPUT_TOKEN=str(token)),
+                              user=self.cfg.runner_as)
+                if rc != 0:
+                    return False, f"config.sh {'killed at its deadline' if rc is None else f'exited {rc}'}: {out}"
+                run_env = self.cfg.runner_env()
+            self.jit = bool(jit)
+            self.runner_id = self.local_runner_id()
+            started = self.start_runner(run_env)
         except OSError as exc:
             return False, f"cannot run the runner: {exc}"
         deadline = time.monotonic() + self.cfg.listen_timeout_s
         while True:
-            with open(runner_log, "rb") as fh:
-                fh.seek(start)
-                if LISTENING in fh.read():
-                    return True, "listening"
-            if self.proc.poll() is not None or self.stop_reason:
-                code = self.proc.poll()
+            if self.listening(started):
+                self.runner_id = self.runner_id or self.local_runner_id()
+                return True, "listening"
+            proc = self.proc
+            if proc is None or proc.poll() is not None or self.stop_reason:
+                code = proc.poll() if proc is not None else None
                 why = "stop requested" if code is None else f"run.sh exited {code}"
                 self.stop_runner()
-                self.remove_remote()
+                self.clean_local()
                 return False, f"{why} before listening"
             if time.monotonic() > deadline:
                 return True, f"run.sh up, no listening line after {self.cfg.listen_timeout_s:.0f} s"
             self.wake.wait(0.1)
 
+    def start_runner(self, env: dict[str, str]) -> int:
+        """Start run.sh (as the runner user); returns where its output starts in runner.log."""
+        runner_log = os.path.join(self.cfg.home, "runner.log")
+        with open(runner_log, "ab") as fh:
+            start = fh.tell()
+            self.proc = subprocess.Popen(["./run.sh"], cwd=self.cfg.runner_dir, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                         **(self.cfg.runner_as or {}))
+        return start
+
+    def listening(self, start: int) -> bool:
+        with open(os.path.join(self.cfg.home, "runner.log"), "rb") as fh:
+            fh.seek(start)
+            return LISTENING in fh.read()
+
+    def local_runner_id(self) -> int | None:
+        """GitHub's id of the configured runner, from ``.runner`` (UTF-8 with a BOM)."""
+        try:
+            with open(os.path.join(self.cfg.runner_dir, ".runner"), encoding="utf-8-sig") as fh:
+                value = json.load(fh).get("agentId")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
     def runner_died(self, rc: int) -> str:
-        """run.sh exited while registered (2: deleted on GitHub): register again for the same run."""
+        """run.sh exited while registered; a shutdown reason, or '' when the agent carries on.
+
+        * a just-in-time runner exits after its one job: done, the instance
+          waits for release (which terminates it);
+        * any other exit with the local registration intact (a crash): start
+          run.sh again, without registering;
+        * the runner was deleted on GitHub (exit 2): register again if the row
+          still holds a credential for this run (before commit), else there is
+          nothing to register with: shut down, release will find it dead.
+        """
         run_id = str(self.run_id)
         why = "runner deleted on GitHub" if rc == RUNNER_DELETED else f"run.sh exited {rc}"
         self.log("runner_exited", why)
         self.stop_runner()
-        if rc != RUNNER_DELETED:
-            self.remove_remote()
-        self.clean_local()
+        if self.jit:
+            self.clean_local()
+            self.log("jit_runner_done", "its one job is over: waiting for release")
+            return ""
         self.redos += 1
         if self.redos > self.cfg.attempts:
-            self.signal("registration_failed", run_id, f"{why}; {self.cfg.attempts} re-registrations used up")
+            self.clean_local()
+            self.signal("registration_failed", run_id, f"{why}; {self.cfg.attempts} restarts used up")
             return f"the runner for run {run_id} kept dying ({why})"
-        self.run_id = None
+        if rc != RUNNER_DELETED and self.local_runner_id():
+            try:
+                started = self.start_runner(self.cfg.runner_env())
+            except OSError as exc:
+                return f"cannot restart run.sh: {exc}"
+            self.log("runner_restarted", f"log from offset {started}")
+            return ""
+        self.clean_local()
+        try:
+            row = self.aws.state() or {}
+        except AWS_ERRORS as exc:
+            row = {}
+            self.log("state_read_failed", exc)
+        if row.get("run_id") != run_id or not (row.get(TOKEN_ATTR) or row.get(JIT_ATTR)):
+            self.signal("registration_failed", run_id, f"{why} after commit: no credential to register again")
+            return f"the runner for run {run_id} is gone ({why}) and cannot register again"
+        self.run_id = self.runner_id = None
         self.count += 1
-        return self.register(run_id)
+        return self.register(run_id, row)
 
     # -- deregistration ---------------------------------------------------------------
 
@@ -538,22 +611,8 @@ class Agent:
         kill(proc.pid, signal.SIGKILL)                  # whatever is left of the group (job processes)
         reap(proc, 5)
 
-    def remove_remote(self) -> str:
-        """``config.sh remove --token``; when that fails, wipe the local config and say why."""
-        try:
-            token = self.log.secret(self.aws.token("removal"))
-            rc, out = run(["./config.sh", "remove", "--token", token], self.cfg.runner_dir, self.config_log,
-                          self.cfg.registration_timeout_s, runner=True)
-            why = "" if rc == 0 else f"config.sh remove {'killed' if rc is None else f'exited {rc}'}: {out}"
-        except AWS_ERRORS + (OSError,) as exc:
-            why = f"no removal: {exc}"
-        if why:
-            self.clean_local()
-            self.log("remote_removal_failed", why)
-            return f"remote removal failed ({why}); local runner config removed"
-        return ""
-
     def clean_local(self) -> None:
+        """Wipe the runner's credential files: without them nothing on this instance can act as it."""
         for name in LOCAL_FILES:
             try:
                 os.remove(os.path.join(self.cfg.runner_dir, name))
@@ -561,33 +620,34 @@ class Agent:
                 pass
 
     def deregister(self, announce: bool = True) -> None:
-        """Stop run.sh and remove the runner, then (only then) signal ``deregistered``."""
+        """Stop run.sh and wipe its credentials, then signal ``deregistered`` with the runner's id,
+        which the control plane deletes on GitHub."""
         started = time.monotonic()
         self.stop_runner()
-        note = self.remove_remote() or f"removed in {time.monotonic() - started:.1f} s"
+        self.clean_local()
+        note = f"stopped and wiped in {time.monotonic() - started:.1f} s"
         self.acked = self.run_id
         if announce:
             self.signal("deregistered", self.run_id, note)
         else:
             self.log("deregistered", note)
-        self.run_id = self.name = self.log.run_id = None
+        self.run_id = self.name = self.log.run_id = self.runner_id = None
+        self.jit = False
 
     def shutdown(self, reason: str, announce: bool = True) -> int:
-        """Signal ``shutdown`` (best effort), deregister (bounded), power off.
+        """Signal ``shutdown`` (best effort), stop the runner and wipe it, power off.
 
         ``shutdown`` stays the row's last word: a ``deregistered`` written after
         it would read as "clean, back to the pool" for a dying instance; and
-        ``announce=False`` keeps the failure signal written just before.
+        ``announce=False`` keeps the failure signal written just before. The
+        runner's GitHub registration is the control plane's to delete (the
+        release or reconcile that finds this instance dead).
         """
         self.log("shutdown", reason)
         if announce:
             self.signal("shutdown", self.run_id, reason, quick=True)
-        if self.run_id:
-            try:
-                self.deregister(announce=False)
-            except Exception as exc:                    # best effort: cleanup must not keep the instance up
-                self.log("deregister_failed", exc)
         self.stop_runner()
+        self.clean_local()
         return power_off(self.log, self.cfg.home)
 
 

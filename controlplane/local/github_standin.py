@@ -4,11 +4,17 @@ One HTTP origin plays both parts of github.com that matter to self-hosted
 runners:
 
 * the **REST API** the control plane calls (``/repos/{owner}/{repo}/...`` and
-  ``/orgs/{org}/...``): registration and removal tokens, list/get/delete
-  runners. Shapes, status codes and pagination (``per_page`` default 30, at
-  most 100) follow api.github.com, so :mod:`controlplane.github` runs against
-  it unchanged. Every call needs ``Authorization: token <pat>`` (or
-  ``Bearer``), else 401 ``Bad credentials``.
+  ``/orgs/{org}/...``): registration and removal tokens, just-in-time runner
+  configs (``generate-jitconfig``), list/get/delete runners. Shapes, status
+  codes and pagination (``per_page`` default 30, at most 100) follow
+  api.github.com, so :mod:`controlplane.github` runs against it unchanged.
+  Every call needs ``Authorization: token <pat>`` (or ``Bearer``) or an
+  installation token, else 401 ``Bad credentials``.
+* **GitHub App installations** (when started with ``app_id`` and the App's
+  public key): ``POST /app/installations/{id}/access_tokens`` checks an RS256
+  JWT signed with the App's private key (issuer = the App id, unexpired, at
+  most 10 minutes long, as GitHub requires) and answers an installation token
+  valid one hour, which the REST API then accepts like the PAT.
 * the **runner service** that ``config.sh`` and ``run.sh`` talk to
   (``/_runner/register``, ``/_runner/remove``, ``/_runner/ping``). Only our
   runner stand-in (``controlplane/local/actions_runner``) calls these; they
@@ -41,6 +47,7 @@ Run it as a process with ``python -m controlplane.local.github_standin --port 0
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 import secrets
@@ -56,6 +63,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 DEFAULT_PAT = "standin-pat"
+JWT_MAX_LIFETIME_S = 600                # GitHub refuses an App JWT that lives longer than 10 minutes
+JWT_LEEWAY_S = 60
 DEFAULT_TOKEN_TTL_S = 3600.0            # GitHub's registration and removal tokens live one hour
 DEFAULT_OFFLINE_AFTER_S = 10.0
 HANG_LIMIT_S = 300.0                    # a ``hang`` fault gives up after this, so no thread lives forever
@@ -127,6 +136,7 @@ class _Request:
     params: dict[str, str]                  # from the path template
     query: dict[str, str]
     body: Any
+    authorization: str = ""                 # the Authorization header (App JWTs are checked per route)
 
 
 class _Fail(Exception):
@@ -146,7 +156,7 @@ class _Route:
     template: str
     pattern: re.Pattern[str]
     handler: _Handler
-    kind: str                               # "api" (needs the PAT) | "runner" | "control"
+    kind: str                               # "api" (needs the PAT) | "app" | "runner" | "control"
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -245,14 +255,21 @@ class GitHubStandIn:
         token_ttl_s: float = DEFAULT_TOKEN_TTL_S,
         offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
         scopes: Iterable[str] | None = None,
+        app_id: int | None = None,
+        app_public_key: str = "",
+        app_installation_id: int | None = None,
     ) -> None:
-        """``scopes``: when given, only these repositories/orgs exist (others 404)."""
+        """``scopes``: when given, only these repositories/orgs exist (others 404).
+        ``app_*``: a GitHub App whose installation may mint tokens (its PEM public key)."""
         self.host = host
         self.port = port
         self.pat = pat
         self.token_ttl_s = token_ttl_s
         self.offline_after_s = offline_after_s
         self.known_scopes = None if scopes is None else frozenset(s.lower() for s in scopes)
+        self.app_id = app_id
+        self.app_public_key = app_public_key
+        self.app_installation_id = app_installation_id
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -263,6 +280,7 @@ class GitHubStandIn:
     def _wipe(self) -> None:
         self._runners: dict[int, _Runner] = {}
         self._tokens: dict[str, _Token] = {}
+        self._installation_tokens: dict[str, float] = {}      # value -> expires_at
         self._faults: list[FaultRule] = []
         self._fault_generation = 0          # bumped by clear/reset: releases ``hang`` faults
         self._label_ids: dict[str, int] = {}
@@ -426,7 +444,7 @@ class GitHubStandIn:
             request = _Request(
                 method=route.method, path=path, params=params,
                 query={k: v[-1] for k, v in parse_qs(query).items()},
-                body=self._read_body(http),
+                body=self._read_body(http), authorization=http.headers.get("Authorization", ""),
             )
             if route.kind != "control":
                 held = self._apply_fault(request)
@@ -457,7 +475,14 @@ class GitHubStandIn:
 
     def _authorized(self, header: str) -> bool:
         scheme, _, credential = header.partition(" ")
-        return scheme.lower() in ("token", "bearer") and secrets.compare_digest(credential.strip(), self.pat)
+        credential = credential.strip()
+        if scheme.lower() not in ("token", "bearer"):
+            return False
+        if secrets.compare_digest(credential, self.pat):
+            return True
+        with self._lock:
+            expires_at = self._installation_tokens.get(credential)
+        return expires_at is not None and time.time() < expires_at
 
     def _write(self, http: _RequestHandler, reply: _Reply) -> None:
         payload = b"" if reply.body is None else json.dumps(reply.body).encode()
@@ -594,6 +619,64 @@ class GitHubStandIn:
                 return _Reply(404, {"message": "Not Found"})
             return _Reply(200, self._runner_json(runner))
 
+    def _generate_jitconfig(self, request: _Request) -> _Reply:
+        """Register one ephemeral runner now; its whole credential goes back encoded, as on GitHub."""
+        body = _body_dict(request)
+        name = _str_field(body, "name")
+        labels = _labels_of(body.get("labels"))
+        if not labels:
+            raise _Fail(422, "labels must not be empty")
+        _int_field(body, "runner_group_id")
+        scope = _scope_of(request.params)
+        with self._lock:
+            if any(r.scope == scope and r.name.lower() == name.lower() for r in self._runners.values()):
+                raise _Fail(409, f"Already exists - A runner with the name {name} already exists.")
+            runner = _Runner(id=self._next_runner_id, scope=scope, name=name,
+                             labels=tuple((n, "custom") for n in labels), credential=secrets.token_hex(16),
+                             last_ping_monotonic=None, fixed_status=None)
+            self._next_runner_id += 1
+            self._runners[runner.id] = runner
+            payload = self._runner_json(runner)
+        settings = {"agentId": runner.id, "agentName": name, "poolId": 1, "poolName": "Default",
+                    "serverUrl": self._url, "gitHubUrl": f"{self._url}/{scope}", "workFolder": "_work",
+                    "labels": labels, "ephemeral": True}
+        files = {".runner": json.dumps(settings).encode("utf-8-sig"),
+                 ".credentials": json.dumps({"scheme": "StandIn",
+                                             "data": {"credential": runner.credential}}).encode()}
+        encoded = base64.b64encode(json.dumps(
+            {k: base64.b64encode(v).decode() for k, v in files.items()}).encode()).decode()
+        return _Reply(201, {"runner": payload, "encoded_jit_config": encoded})
+
+    def _installation_token(self, request: _Request) -> _Reply:
+        """``POST /app/installations/{id}/access_tokens``: a JWT signed by the App buys a 1 h token."""
+        if self.app_id is None or not self.app_public_key:
+            return _Reply(404, {"message": "Not Found"})
+        scheme, _, credential = request.authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return _Reply(401, {"message": "A JSON web token could not be decoded"})
+        import jwt                          # PyJWT: only the App path needs it
+
+        try:
+            claims = jwt.decode(credential.strip(), self.app_public_key, algorithms=["RS256"],
+                                options={"require": ["iat", "exp", "iss"], "verify_iss": False},
+                                leeway=JWT_LEEWAY_S)
+        except jwt.PyJWTError as exc:
+            return _Reply(401, {"message": f"A JSON web token could not be decoded: {exc}"})
+        if str(claims.get("iss")) != str(self.app_id):
+            return _Reply(401, {"message": "'Issuer' claim ('iss') must be the App id"})
+        if float(claims["exp"]) - float(claims["iat"]) > JWT_MAX_LIFETIME_S + JWT_LEEWAY_S:
+            return _Reply(401, {"message": "'Expiration time' claim ('exp') is too far in the future"})
+        if self.app_installation_id is not None and int(request.params["installation_id"]) != self.app_installation_id:
+            return _Reply(404, {"message": "Not Found"})
+        value = "ghs_" + secrets.token_hex(18)
+        expires_at = time.time() + DEFAULT_TOKEN_TTL_S
+        with self._lock:
+            self._installation_tokens[value] = expires_at
+            self._tokens_issued += 1
+        return _Reply(201, {"token": value, "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                        time.gmtime(expires_at)),
+                            "permissions": {"administration": "write"}, "repository_selection": "all"})
+
     def _delete_runner(self, request: _Request) -> _Reply:
         with self._lock:
             runner = self._runner_in(_scope_of(request.params), int(request.params["runner_id"]))
@@ -693,6 +776,7 @@ def _routes() -> tuple[_Route, ...]:
         ("GET", "/actions/runners", S._list_runners),
         ("GET", "/actions/runners/{runner_id}", S._get_runner),
         ("DELETE", "/actions/runners/{runner_id}", S._delete_runner),
+        ("POST", "/actions/runners/generate-jitconfig", S._generate_jitconfig),
     ]
     routes = [
         _Route(method, prefix + suffix, _compile(prefix + suffix), handler, "api")
@@ -700,6 +784,7 @@ def _routes() -> tuple[_Route, ...]:
         for method, suffix, handler in api
     ]
     others: list[tuple[str, str, _Handler, str]] = [
+        ("POST", "/app/installations/{installation_id}/access_tokens", S._installation_token, "app"),
         ("POST", "/_runner/register", S._register, "runner"),
         ("POST", "/_runner/remove", S._remove, "runner"),
         ("POST", "/_runner/ping", S._ping, "runner"),

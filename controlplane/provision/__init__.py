@@ -14,6 +14,18 @@ Phases, each its own module, each taking and returning records:
 
 The run label is the run id: runners register with ``--labels <run id>`` and
 jobs target ``runs-on: <label>``. A run id can hold one live fleet at a time.
+
+Credentials: the control plane alone reads the pool's registration token
+(SSM, rotated here when it is close to expiry) and hands it to exactly the
+members that must register, inside each one's own state row (the claim write
+for pool runners, the ``created`` row for new ones). In ephemeral mode each
+created instance gets instead a just-in-time runner config of its own
+(``generate-jitconfig``: its name, the run's labels, one job), written into
+its row right after the row exists; nothing is claimed from the pool, since
+an ephemeral instance is never reused. Commit and rollback remove the
+credential from every row before the provision returns, so before any job of
+the run can be scheduled. Runners that must leave GitHub (rollback, an
+emergency) are deleted through the REST API.
 """
 from __future__ import annotations
 
@@ -21,13 +33,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store
+from controlplane import aws, metrics, store, token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import USAGE_CLASSES
 from controlplane.errors import ConfigError, RunnerPoolError
+from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
 from controlplane.provision import creation, finalize, selection, validation
-from controlplane.records import LIVE_STATES, Member, State
+from controlplane.records import JIT_CONFIG, LIVE_STATES, REGISTRATION_TOKEN, Member, State
 from controlplane.store import Pool
 
 
@@ -117,7 +130,9 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
 
 
 def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
-              clock: Clock = SYSTEM_CLOCK) -> ProvisionResult:
+              clock: Clock = SYSTEM_CLOCK, github: GitHubClient | None = None) -> ProvisionResult:
+    gh = github or github_client_for(pool.config.github)     # no credential: bad input, before any AWS call
+    ephemeral = pool.config.is_ephemeral(req.resource_class)
     counter = aws.CallCounter()
     token = aws.counting(counter)
     try:
@@ -131,6 +146,7 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
     claimed: list[Member] = []
     created: list[Member] = []
     unhealthy: list[Member] = []
+    jit_runners: dict[str, int] = {}                 # ephemeral: instance id -> its just-in-time runner
 
     def lap(name: str, since: float) -> float:
         now = time.monotonic()
@@ -139,16 +155,26 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
 
     try:
         t = time.monotonic()
-        progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
-        sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
-                               claimed_sink=touched)
-        claimed, unhealthy = sel.claimed, sel.unhealthy
+        registration: dict[str, str] | None = None
+        if not ephemeral:
+            stored, _ = tokens.ensure_tokens(pool.config, gh, now=clock.now())
+            registration = {REGISTRATION_TOKEN: stored.registration}
+        if ephemeral:
+            progress.phase(f"[1/4] selection: none (class {req.resource_class} is ephemeral: never reused)")
+        else:
+            progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
+            sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
+                                   claimed_sink=touched, registration=registration)
+            claimed, unhealthy = sel.claimed, sel.unhealthy
         t = lap("selection", t)
         missing = req.count - len(claimed)
         progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
         progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
-        cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched)
+        cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched,
+                             registration=registration)
         created = cr.members
+        if ephemeral and created:
+            jit_runners.update(_deliver_jit_configs(pool, gh, req.run_id, created))
         res.fleet_calls, res.capacity_errors = cr.fleet_calls, cr.errors_by_code
         t = lap("creation", t)
         res.from_pool, res.created = len(claimed), len(created)
@@ -158,7 +184,8 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             res.reason = (f"EC2 could not supply {cr.shortfall} of {missing} instance(s) ({codes})"
                           + ("; on-demand fallback was tried" if cr.fell_back else ""))
             progress.phase(f"      {res.reason}")
-            return _fail(pool, req, res, claimed, created + unhealthy, progress, clock, counter, token, started)
+            return _fail(pool, req, res, claimed, created + unhealthy, progress, clock, counter, token, started,
+                         gh, jit_runners)
         timeout = req.validation_timeout_s or pool.config.validation_timeout_s
         progress.phase(f"[3/4] validation: {len(members)} runner(s) must register for {req.run_id} "
                        f"within {timeout:.0f} s")
@@ -170,24 +197,28 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             progress.phase(f"      {res.reason}")
             healthy_claimed = [m for m in claimed if m.instance_id in val.healthy and m.instance_id not in val.failed]
             doomed = created + unhealthy + [m for m in claimed if m not in healthy_claimed]
-            return _fail(pool, req, res, healthy_claimed, doomed, progress, clock, counter, token, started)
+            return _fail(pool, req, res, healthy_claimed, doomed, progress, clock, counter, token, started,
+                         gh, jit_runners)
         progress.phase(f"[4/4] commit: {len(members)} runner(s) to running")
         lost = finalize.commit(pool, req.run_id, members, clock)
         lap("commit", t)
         if lost:
             res.reason = f"{len(lost)} instance(s) changed state before commit ({', '.join(lost)})"
             committed = [m for m in members if m.instance_id not in lost]
-            cleanup = finalize.return_to_pool(pool, req.run_id, committed, State.RUNNING, progress, clock)
-            cleanup.merge(finalize.terminate(pool, [(i, State.TERMINATED, None) for i in lost], clock))
+            cleanup = finalize.return_to_pool(pool, req.run_id, committed, State.RUNNING, progress, clock,
+                                              github=gh)
+            cleanup.merge(finalize.terminate(pool, [(i, State.TERMINATED, None) for i in lost], clock, gh))
             res.cleanup = cleanup
             return _finish(res, counter, token, started, pool.config)
         if unhealthy:
-            res.cleanup = finalize.terminate(pool, [(m.instance_id, State.CLAIMED, req.run_id) for m in unhealthy], clock)
+            res.cleanup = finalize.terminate(pool, [(m.instance_id, State.CLAIMED, req.run_id) for m in unhealthy],
+                                             clock, gh)
         res.ok = True
         res.instances = members
         return _finish(res, counter, token, started, pool.config)
     except BaseException as exc:
-        cleanup = finalize.emergency(pool, req.run_id, touched, clock)
+        cleanup = finalize.emergency(pool, req.run_id, touched, clock, gh)
+        _delete_jit_runners(gh, jit_runners)
         res.cleanup = cleanup
         _finish(res, counter, token, started, pool.config)
         event("provision.emergency", run_id=req.run_id, error=str(exc), terminated=cleanup.terminated)
@@ -206,12 +237,44 @@ def _validation_reason(val: validation.ValidationResult, n: int, timeout: float)
     return f"only {len(val.ready)} of {n} runner(s) registered within {timeout:.0f} s ({missing} missing)"
 
 
+def _deliver_jit_configs(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]) -> dict[str, int]:
+    """One just-in-time runner per created instance, its config into that instance's row.
+
+    The name is the one the agent gives its first runner (``<instance-id>-1``),
+    the labels the run's and the pool's, as a registration from config.sh would have.
+    """
+    cfg = pool.config
+
+    def one(m: Member) -> tuple[str, int]:
+        jit = github.jit_config(f"{m.instance_id}-1", [run_id, cfg.pool_label], cfg.github.runner_group_id)
+        if not store.set_registration(pool, m.instance_id, run_id, State.CREATED, JIT_CONFIG, jit.encoded):
+            event("jit.row_moved", run_id=run_id, instance_id=m.instance_id)
+        return m.instance_id, jit.runner_id
+
+    out = dict(aws.parallel(one, members))
+    event("jit.delivered", run_id=run_id, instance_ids=sorted(out), runner_ids=sorted(out.values()))
+    return out
+
+
+def _delete_jit_runners(github: GitHubClient, runners: dict[str, int]) -> None:
+    """Best effort: just-in-time runners of instances that will never run them."""
+    for iid, runner_id in runners.items():
+        try:
+            github.delete_runner(runner_id)
+        except RunnerPoolError as exc:
+            event("jit.delete_failed", instance_id=iid, runner_id=runner_id, error=str(exc))
+
+
 def _fail(pool: Pool, req: ProvisionRequest, res: ProvisionResult, healthy_claimed: list[Member],
           doomed: list[Member], progress: Progress, clock: Clock, counter: aws.CallCounter,
-          token: Any, started: float) -> ProvisionResult:
+          token: Any, started: float, github: GitHubClient | None = None,
+          jit_runners: dict[str, int] | None = None) -> ProvisionResult:
     t = time.monotonic()
     progress.phase(f"[4/4] rollback: {len(healthy_claimed)} back to the pool, {len(doomed)} to terminate")
-    res.cleanup = finalize.rollback(pool, req.run_id, healthy_claimed, doomed, progress, clock)
+    res.cleanup = finalize.rollback(pool, req.run_id, healthy_claimed, doomed, progress, clock, github)
+    if github is not None and jit_runners:
+        doomed_ids = {m.instance_id for m in doomed}
+        _delete_jit_runners(github, {i: r for i, r in jit_runners.items() if i in doomed_ids})
     res.timings["rollback"] = round(time.monotonic() - t, 3)
     return _finish(res, counter, token, started, pool.config)
 

@@ -112,8 +112,13 @@ def _launch(pool: Pool, request: dict[str, Any], usage_class: str) -> tuple[list
 
 
 def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str,
-           clock: Clock = SYSTEM_CLOCK, created_sink: list[str] | None = None) -> CreationResult:
-    """Launch ``count`` instances; ``created_sink`` receives ids as soon as EC2 returns them."""
+           clock: Clock = SYSTEM_CLOCK, created_sink: list[str] | None = None,
+           registration: dict[str, str] | None = None) -> CreationResult:
+    """Launch ``count`` instances; ``created_sink`` receives ids as soon as EC2 returns them.
+
+    ``registration`` goes into every ``created`` row with the row itself (no extra write): what
+    each agent registers with (see :data:`controlplane.records.REGISTRATION_ATTRIBUTES`).
+    """
     res = CreationResult()
     if count <= 0:
         return res
@@ -137,7 +142,8 @@ def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             now = clock.now()
             try:
                 records = store.put_created(pool, launched, run_id, resource_class,
-                                            threshold=now + cfg.claim_timeout_s, now=now)
+                                            threshold=now + cfg.claim_timeout_s, now=now,
+                                            registration=registration)
             except AwsError:
                 raise                               # the caller's emergency path terminates created_sink
             res.members.extend(Member(r.instance_id, r.arn, "created", r.instance_type, r.subnet_id,

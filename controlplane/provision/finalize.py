@@ -14,20 +14,38 @@
   provision created or claimed, mark their rows terminated, and report it.
 
 Termination is always: mark the row ``terminated`` (conditional on the state
-we think it is in), TerminateInstances, delete the agent row.
+we think it is in), remove its runner from GitHub, TerminateInstances, delete
+the agent row.
+
+**Runners leave GitHub through the control plane.** The instance holds no
+removal token: whenever a runner must go (rollback, release, retirement,
+termination, a dead agent) :func:`remove_runners` deletes it with the REST
+API by the GitHub id its agent reported in the agent row, after checking
+that the runner with that id is named after that instance
+(``<instance-id>-<n>``): the agent row is the instance's to write, so a
+forged id must not delete another instance's runner. A runner that cannot
+be removed now (GitHub down, no id reported) is left for reconcile, which
+deletes every pool runner without a live instance. Every transition also
+removes the registration credential from the state row (see
+:func:`controlplane.state.transition`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from controlplane import aws, pool as pool_q, store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.logs import QUIET, Progress, event
 from controlplane.pool import PoolMessage
-from controlplane.records import Member, State
+from controlplane.errors import RunnerPoolError
+from controlplane.records import AgentRecord, Member, State
 from controlplane.state import transition
 from controlplane.store import Pool
+
+if TYPE_CHECKING:
+    from controlplane.github import GitHubClient
 
 DRAIN_POLL_S = 0.25
 
@@ -60,8 +78,45 @@ def commit(pool: Pool, run_id: str, members: list[Member], clock: Clock = SYSTEM
     return lost
 
 
-def terminate(pool: Pool, members: list[tuple[str, State, str | None]], clock: Clock = SYSTEM_CLOCK) -> Cleanup:
-    """Terminate instances given as (instance id, state we expect, run id we expect)."""
+def remove_runners(pool: Pool, github: GitHubClient | None, agents: Mapping[str, AgentRecord | None]) -> list[str]:
+    """Delete on GitHub the runner each instance's agent reported; the instance ids whose runner is gone.
+
+    Each id is checked first (one GET): only a runner named ``<instance-id>-<n>``
+    is deleted for that instance. Failures are logged and left for reconcile.
+    """
+    if github is None:
+        return []
+    gh = github
+    wanted = [(iid, a.runner_id) for iid, a in agents.items() if a is not None and a.runner_id is not None]
+
+    def one(item: tuple[str, int | None]) -> str | None:
+        iid, runner_id = item
+        assert runner_id is not None
+        try:
+            runner = gh.get_runner(runner_id)
+            if runner is not None and not runner.name.startswith(f"{iid}-"):
+                event("runner.remove_refused", instance_id=iid, runner_id=runner_id, runner_name=runner.name,
+                      reason="the id its agent reported names another instance's runner")
+                return None
+            if runner is not None:
+                gh.delete_runner(runner_id)
+        except RunnerPoolError as exc:
+            event("runner.remove_failed", instance_id=iid, runner_id=runner_id, error=str(exc))
+            return None
+        return iid
+
+    removed = [i for i in aws.parallel(one, wanted) if i]
+    if wanted:
+        event("runner.removed", instance_ids=removed, runner_ids=[r for _, r in wanted])
+    return removed
+
+
+def terminate(pool: Pool, members: list[tuple[str, State, str | None]], clock: Clock = SYSTEM_CLOCK,
+              github: GitHubClient | None = None) -> Cleanup:
+    """Terminate instances given as (instance id, state we expect, run id we expect).
+
+    With ``github``, their runners are removed from GitHub first (see :func:`remove_runners`).
+    """
     from controlplane.apply import terminate_instances
 
     out = Cleanup()
@@ -80,6 +135,8 @@ def terminate(pool: Pool, members: list[tuple[str, State, str | None]], clock: C
 
     aws.parallel(mark, members)
     ids = [m[0] for m in members]
+    if github is not None:
+        remove_runners(pool, github, {i: a for i, (_, a) in store.read_set(pool, ids).items()})
     try:
         out.terminated = terminate_instances(pool.region, ids)
     except aws.AwsError as exc:
@@ -92,8 +149,9 @@ def terminate(pool: Pool, members: list[tuple[str, State, str | None]], clock: C
 
 def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State | None,
                    progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
-                   retire: Callable[[Member], str | None] | None = None) -> Cleanup:
-    """Clear the run from instances, wait for deregistration, then requeue them.
+                   retire: Callable[[Member], str | None] | None = None,
+                   github: GitHubClient | None = None) -> Cleanup:
+    """Clear the run from instances, wait for deregistration, remove their runners, then requeue.
 
     ``from_`` is the state they are in (None: read each row's own state).
     An instance whose agent is dead (no fresh heartbeat) is not waited for.
@@ -128,9 +186,11 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
     dead: set[str] = set()
     ids = [m.instance_id for m in draining]
     deadline = Deadline(cfg.deregistration_timeout_s, clock)
+    agents: dict[str, AgentRecord | None] = {}
 
     def poll() -> bool:
         rows = store.read_set(pool, ids)
+        agents.update({i: a for i, (_, a) in rows.items()})
         now = clock.now()
         for iid in ids:
             record, agent = rows[iid]
@@ -144,6 +204,7 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
 
     if ids:
         wait_until(poll, deadline, DRAIN_POLL_S)
+        remove_runners(pool, github, agents)          # every drained runner, confirmed or not
     back: list[Member] = []
     to_kill: list[tuple[str, State, str | None]] = []
     now = clock.now()
@@ -171,16 +232,18 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
 
 
 def rollback(pool: Pool, run_id: str, healthy_claimed: list[Member], doomed: list[Member],
-             progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> Cleanup:
+             progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
+             github: GitHubClient | None = None) -> Cleanup:
     out = terminate(pool, [(m.instance_id, State.CLAIMED if m.source == "pool" else State.CREATED, run_id)
-                           for m in doomed], clock)
-    out.merge(return_to_pool(pool, run_id, healthy_claimed, State.CLAIMED, progress, clock))
+                           for m in doomed], clock, github)
+    out.merge(return_to_pool(pool, run_id, healthy_claimed, State.CLAIMED, progress, clock, github=github))
     event("rollback.done", run_id=run_id, terminated=out.terminated, returned=out.returned_to_pool,
           failed=out.failed)
     return out
 
 
-def emergency(pool: Pool, run_id: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK) -> Cleanup:
+def emergency(pool: Pool, run_id: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK,
+              github: GitHubClient | None = None) -> Cleanup:
     """Terminate everything the provision touched, whatever state its rows are in."""
     from controlplane.apply import terminate_instances
 
@@ -196,6 +259,7 @@ def emergency(pool: Pool, run_id: str, instance_ids: list[str], clock: Clock = S
             if record is not None and record.state is not State.TERMINATED and record.run_id in (run_id, None):
                 transition(pool.table, pool.region, record.arn, from_=record.state, to=State.TERMINATED,
                            run_id=record.run_id, threshold=now, now=now, when="any", new_run_id=None)
+        remove_runners(pool, github, {i: a for i, (_, a) in rows.items()})
     except Exception as exc:  # noqa: BLE001 - the safety net must still terminate
         event("emergency.rows_failed", run_id=run_id, error=str(exc))
     try:

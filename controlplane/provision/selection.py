@@ -17,6 +17,11 @@ checked in one batch read: a stale heartbeat (or a failure signal) means the
 instance is terminated and another candidate is taken, without waiting on the
 others. The loop ends when enough are claimed, the queue is empty, or the
 deadline passes; whatever is missing is left to creation.
+
+The claim itself hands the agent what it registers with: the winning
+idle->claimed write also puts the pool's registration token into that row
+(``registration``), so a claimed runner costs no extra write; the commit or
+rollback takes it out again.
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ class SelectionResult:
 
 
 def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
-           clock: Clock = SYSTEM_CLOCK, claimed_sink: list[str] | None = None) -> SelectionResult:
+           clock: Clock = SYSTEM_CLOCK, claimed_sink: list[str] | None = None,
+           registration: dict[str, str] | None = None) -> SelectionResult:
     """Claim up to ``count`` runners; ``claimed_sink`` receives each id the moment its claim wins,
     so the caller's emergency path knows every row this run holds even if selection raises."""
     res = SelectionResult()
@@ -80,7 +86,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
                 candidates.append(m)
         keep = candidates[:want]
         back.extend(candidates[want:])
-        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, claimed_sink)), keep)
+        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, claimed_sink, registration)), keep)
         won: list[Member] = []
         for _, member in outcomes:
             if member is None:
@@ -104,10 +110,12 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     return res
 
 
-def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, sink: list[str] | None) -> Member | None:
+def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, sink: list[str] | None,
+           registration: dict[str, str] | None = None) -> Member | None:
     now = clock.now()
     t = transition(pool.table, pool.region, pool.arn(m.instance_id), from_=State.IDLE, to=State.CLAIMED,
-                   run_id=None, new_run_id=run_id, threshold=now + pool.config.claim_timeout_s, now=now)
+                   run_id=None, new_run_id=run_id, threshold=now + pool.config.claim_timeout_s, now=now,
+                   registration=registration)
     if t.lost or t.record is None:
         event("claim.lost", run_id=run_id, instance_id=m.instance_id, reason=t.reason)
         return None

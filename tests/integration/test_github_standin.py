@@ -239,7 +239,7 @@ def test_the_client_reads_the_pat_from_the_environment(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError) as caught:
         github_client_from_env("https://api.github.com", SCOPE)
     assert caught.value.message == "GitHub token not set"
-    assert caught.value.hint == "export RUNNER_POOL_GITHUB_TOKEN=<a PAT with repo or admin:org scope>"
+    assert caught.value.hint.startswith("export RUNNER_POOL_GITHUB_TOKEN=<a PAT with repo or admin:org scope>")
 
     monkeypatch.setenv("GITHUB_TOKEN", "fallback")
     assert github_client_from_env("https://api.github.com", SCOPE).token == "fallback"

@@ -31,7 +31,8 @@ from controlplane.local.emulator import FAULTS, REQUESTS, Emulator
 from controlplane.local.github_standin import GitHubStandIn
 from controlplane.local.imds import ImdsStandIn
 from controlplane.local.simulator import Simulator, processes_of
-from controlplane.records import AgentRecord, LaunchedInstance, Signal, State
+from controlplane.provision import finalize
+from controlplane.records import REGISTRATION_ATTRIBUTES, REGISTRATION_TOKEN, AgentRecord, LaunchedInstance, Signal, State
 from controlplane.state import transition
 from controlplane.userdata import render_user_data
 
@@ -74,8 +75,25 @@ class World:
         assert len(launched) == n, resp.get("Errors")
         if run_id is not None:
             now = time.time()
-            store.put_created(self.pool, launched, run_id, "small", now + threshold_in_s, now)
+            store.put_created(self.pool, launched, run_id, "small", now + threshold_in_s, now,
+                              registration=self.registration())
         return [li.instance_id for li in launched]
+
+    def registration(self) -> dict[str, str]:
+        """What the control plane hands an agent that must register: the pool's token."""
+        stored = token.read_tokens(self.cfg)
+        assert stored is not None
+        return {REGISTRATION_TOKEN: stored.registration}
+
+    def state_row(self, iid: str) -> dict[str, Any]:
+        item = aws.client("dynamodb", self.cfg.region).get_item(
+            TableName=self.cfg.table_name, Key={"pk": {"S": self.pool.arn(iid)}, "sk": {"S": "state"}},
+            ConsistentRead=True).get("Item")
+        return dict(item or {})
+
+    def runner_files(self, iid: str) -> list[str]:
+        runner_dir = self.work_dir / iid / "actions-runner"
+        return sorted(n for n in (".runner", ".credentials", ".credentials_rsaparams") if (runner_dir / n).exists())
 
     def move(self, iid: str, from_: State, to: State, run_id: str | None, threshold_in_s: float,
              **kw: Any) -> None:
@@ -174,7 +192,7 @@ def test_user_data_is_small_deterministic_and_holds_no_token(world: World) -> No
     assert render_user_data(world.cfg) == user_data
     stored = token.read_tokens(world.cfg)
     assert stored is not None
-    assert stored.registration not in user_data and stored.removal not in user_data
+    assert stored.registration not in user_data
 
 
 def test_agents_heartbeat_from_boot_and_register_for_their_run(world: World) -> None:
@@ -203,15 +221,21 @@ def test_release_deregisters_first_then_the_runner_serves_the_next_run(world: Wo
     rid, next_rid = run_id(), run_id()
     (iid,) = world.launch(1, rid)
     world.wait_signal(iid, Signal.REGISTERED, rid)
+    (runner,) = world.runners_of(iid)
+    assert world.agent(iid).runner_id == runner["id"], "the agent reports its runner's GitHub id"
     world.move(iid, State.CREATED, State.RUNNING, rid, 600)
+    assert not set(world.state_row(iid)) & set(REGISTRATION_ATTRIBUTES), "commit takes the token away"
     world.move(iid, State.RUNNING, State.DRAINING, rid, 60, new_run_id=None)
 
     agent = world.wait_signal(iid, Signal.DEREGISTERED, rid)
-    assert agent.deregistered_from(rid)
-    assert world.runners_of(iid) == [], "the runner is removed from GitHub before the signal"
+    assert agent.deregistered_from(rid) and agent.runner_id == runner["id"]
+    assert world.runner_files(iid) == [], "the runner's credential files are wiped before the signal"
+    gh = GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE)
+    assert finalize.remove_runners(world.pool, gh, {iid: agent}) == [iid]      # what release does next
+    assert world.runners_of(iid) == []
 
     world.move(iid, State.DRAINING, State.IDLE, None, 300)
-    world.move(iid, State.IDLE, State.CLAIMED, None, 60, new_run_id=next_rid)
+    world.move(iid, State.IDLE, State.CLAIMED, None, 60, new_run_id=next_rid, registration=world.registration())
     agent = world.wait_signal(iid, Signal.REGISTERED, next_rid)
     assert agent.runner_name == f"{iid}-2"
     (runner,) = world.runners_of(iid)
@@ -225,7 +249,7 @@ def test_agent_terminates_its_instance_a_minute_after_its_threshold(world: World
     agent = world.wait_signal(iid, Signal.SHUTDOWN, timeout_s=30)
     assert "threshold" in (agent.detail or "")
     world.wait_ec2(iid, "terminated")
-    assert world.runners_of(iid) == [], "it deregistered on the way out"
+    assert world.runner_files(iid) == [], "it wiped its runner on the way out (GitHub's copy is reconcile's)"
 
 
 def test_agent_without_a_state_row_powers_off(world: World) -> None:
@@ -252,7 +276,7 @@ def test_agent_that_loses_dynamodb_powers_off(world: World) -> None:
     finally:
         FAULTS.clear()
     print(f"lost contact -> instance terminated in {time.monotonic() - started:.1f} s")
-    assert world.runners_of(iid) == [], "it removed its runner (GitHub and SSM were still reachable)"
+    assert world.runner_files(iid) == [], "it wiped its runner's credentials on the way out"
 
 
 def test_killed_agent_leaves_a_stale_heartbeat_and_a_wedged_instance(world: World) -> None:

@@ -93,7 +93,7 @@ def test_refresh_rotates_tokens_near_expiry_only(make_pool: Any, emu: Emu) -> No
     fresh = token.read_tokens(cfg)
     assert fresh is not None and fresh.seconds_left(time.time()) > cfg.token_refresh_margin_s
     assert not refresh(cfg, run_reconcile=False).tokens_rotated
-    token.write_tokens(cfg, token.StoredTokens(fresh.registration, fresh.removal, time.time() + 60))
+    token.write_tokens(cfg, token.StoredTokens(fresh.registration, time.time() + 60))
     res = refresh(cfg, run_reconcile=False)
     assert res.tokens_rotated
     now = token.read_tokens(cfg)

@@ -4,17 +4,22 @@ The instance agent drives the runner only through its command line, so this
 file copies that command line and the effects the agent can observe, and talks
 to :mod:`controlplane.local.github_standin` instead of github.com:
 
-``config.sh --unattended --url URL --token T --name N --labels a,b [--replace] ...``
+``config.sh --unattended --url URL --name N --labels a,b [--replace] ...``
     registers through ``POST <origin>/_runner/register`` and writes ``.runner``
     and ``.credentials`` in the runner directory (the directory holding the
     scripts, as the real runner does; agents run it from there). Exits 1 if
     already configured, on any HTTP error or when GitHub cannot be reached.
+    Like the real runner, every argument may come from the environment as
+    ``ACTIONS_RUNNER_INPUT_<NAME>`` (``ACTIONS_RUNNER_INPUT_TOKEN`` for
+    ``--token``), which is read and then unset, so the token need not be on the
+    command line (where any local user reads it in ``/proc/<pid>/cmdline``).
 ``config.sh remove --token T``
     removes the registration (``POST /_runner/remove``) and deletes both files.
     Like the real runner it succeeds when GitHub no longer knows the runner or
     the runner is not configured; a bad or expired token fails.
-``run.sh``
-    heartbeats (``POST /_runner/ping``, every ``RUNNER_POOL_STANDIN_PING_S``,
+``run.sh [--jitconfig X]`` (or ``ACTIONS_RUNNER_INPUT_JITCONFIG``)
+    with a just-in-time config first writes the settings and credential files
+    it carries (as the real runner does), then heartbeats (``POST /_runner/ping``, every ``RUNNER_POOL_STANDIN_PING_S``,
     default 2 s), prints ``Listening for Jobs`` once connected, and runs until
     SIGTERM/SIGINT (exit 0) or until GitHub says the registration is gone
     (404: exit 2), which is what a real listener does when its runner is
@@ -29,6 +34,7 @@ it runs on the instance next to the agent.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import signal
@@ -54,6 +60,7 @@ ALREADY_CONFIGURED = ("Cannot configure the runner because it is already configu
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REGISTRATION_GONE = 2
+INPUT_PREFIX = "ACTIONS_RUNNER_INPUT_"
 
 # The stand-in is always local: never send its traffic through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -106,6 +113,13 @@ def _message_of(exc: urllib.error.HTTPError) -> str:
     except ValueError:
         return exc.reason or ""
     return str(body.get("message", "")) if isinstance(body, dict) else ""
+
+
+def _env_input(name: str) -> str | None:
+    """``ACTIONS_RUNNER_INPUT_<NAME>``, removed from the environment once read (as the runner does)."""
+    key = INPUT_PREFIX + name.upper()
+    value = os.environ.pop(key, None)
+    return value or None
 
 
 def _path(name: str) -> str:
@@ -164,6 +178,8 @@ def configure(argv: Sequence[str]) -> int:
     if unknown:
         _error("Unrecognized command-line input arguments: " + ", ".join(a for a in unknown if a.startswith("-")))
         return EXIT_FAILED
+    args.token = _env_input("token") or args.token
+    args.url = _env_input("url") or args.url
     if os.path.exists(_path(SETTINGS_FILE)):
         _error(ALREADY_CONFIGURED)
         return EXIT_FAILED
@@ -219,6 +235,7 @@ def unconfigure(argv: Sequence[str]) -> int:
     if unknown:
         _error("Unrecognized command-line input arguments: " + ", ".join(a for a in unknown if a.startswith("-")))
         return EXIT_FAILED
+    args.token = _env_input("token") or args.token
 
     _say("# Runner removal")
     _say()
@@ -250,7 +267,37 @@ def unconfigure(argv: Sequence[str]) -> int:
 # -- run --------------------------------------------------------------------------------
 
 
+def _write_jitconfig(encoded: str) -> str:
+    """Unpack a just-in-time config (base64 JSON of base64 file contents) into the runner's files."""
+    try:
+        files = json.loads(base64.b64decode(encoded))
+        if not isinstance(files, dict):
+            raise ValueError("not a JSON object")
+        contents = {name: base64.b64decode(files[name]) for name in (SETTINGS_FILE, CREDENTIALS_FILE)}
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"invalid jitconfig: {exc}"
+    for name, data in contents.items():
+        target = _path(name)
+        fd = os.open(target + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(target + ".tmp", target)
+    return ""
+
+
 def run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="run.sh", allow_abbrev=False, add_help=False)
+    parser.add_argument("--jitconfig")
+    args, _ = parser.parse_known_args(list(argv))
+    jitconfig = _env_input("jitconfig") or args.jitconfig
+    if jitconfig:
+        if os.path.exists(_path(SETTINGS_FILE)):
+            _error(ALREADY_CONFIGURED)
+            return EXIT_FAILED
+        problem = _write_jitconfig(jitconfig)
+        if problem:
+            _error(problem)
+            return EXIT_FAILED
     settings = _read_json(SETTINGS_FILE)
     credentials = _read_json(CREDENTIALS_FILE)
     if settings is None or credentials is None:
