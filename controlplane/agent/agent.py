@@ -70,8 +70,9 @@ LOCAL_FILES = (".runner", ".credentials", ".credentials_rsaparams")
 REQUIRED = ("RP_TABLE", "RP_GITHUB_URL", "RP_GITHUB_SCOPE", "RP_POOL_LABEL")
 TOKEN_ATTR, JIT_ATTR = "registration_token", "jit_config"     # state-row credentials (controlplane.records)
 # What the runner's processes inherit from the agent's environment: nothing else (no AWS_*, no RP_*).
+# RUNNER_POOL_HOME is a path, not a secret: the local simulator finds an instance's processes by it.
 RUNNER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "http_proxy", "https_proxy", "no_proxy",
-              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "RUNNER_POOL_PYTHON")
+              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "RUNNER_POOL_PYTHON", "RUNNER_POOL_HOME")
 RUNNER_ENV_PREFIX = "RUNNER_POOL_STANDIN_"                    # the local runner stand-in's own knobs
 # Tunables (environment name -> default); Cfg exposes RP_HEARTBEAT_S as cfg.heartbeat_s and so on.
 NUMBERS = {

@@ -97,6 +97,7 @@ class FaultRule:
     delay_s: float = 0.0
     count: int | None = None
     status: int = 500
+    message: str | None = None              # the error message of a ``fail`` (default: names the request)
 
     def matches(self, path: str, runner_name: str | None) -> bool:
         if self.name_contains is not None and (runner_name is None or self.name_contains not in runner_name):
@@ -270,6 +271,8 @@ class GitHubStandIn:
         self.app_id = app_id
         self.app_public_key = app_public_key
         self.app_installation_id = app_installation_id
+        # App installation tokens outlive reset(), as on GitHub: clients cache them for their hour.
+        self._installation_tokens: dict[str, float] = {}      # value -> expires_at
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -280,7 +283,6 @@ class GitHubStandIn:
     def _wipe(self) -> None:
         self._runners: dict[int, _Runner] = {}
         self._tokens: dict[str, _Token] = {}
-        self._installation_tokens: dict[str, float] = {}      # value -> expires_at
         self._faults: list[FaultRule] = []
         self._fault_generation = 0          # bumped by clear/reset: releases ``hang`` faults
         self._label_ids: dict[str, int] = {}
@@ -366,6 +368,7 @@ class GitHubStandIn:
         delay_s: float = 0.0,
         count: int | None = None,
         status: int = 500,
+        message: str | None = None,
     ) -> FaultRule:
         """Add a fault rule (see :class:`FaultRule`)."""
         if mode not in FAULT_MODES:
@@ -377,7 +380,7 @@ class GitHubStandIn:
         if delay_s < 0:
             raise ValueError("delay_s must not be negative")
         rule = FaultRule(mode=mode, name_contains=name_contains, path_contains=path_contains,
-                         delay_s=float(delay_s), count=count, status=status)
+                         delay_s=float(delay_s), count=count, status=status, message=message)
         with self._lock:
             self._faults.append(rule)
         return rule
@@ -518,7 +521,8 @@ class GitHubStandIn:
                 self._faults[index] = replace(rule, count=rule.count - 1)
             generation = self._fault_generation
         if rule.mode == "fail":
-            return _Reply(rule.status, {"message": f"stand-in fault: {request.method} {request.path} failed"})
+            return _Reply(rule.status, {"message": rule.message
+                                        or f"stand-in fault: {request.method} {request.path} failed"})
         if rule.mode == "delay":
             if self._stopping.wait(rule.delay_s):
                 return _Reply(503, {"message": "the GitHub stand-in is stopping"})
@@ -748,6 +752,7 @@ class GitHubStandIn:
                 delay_s=float(body.get("delay_s") or 0.0),
                 count=None if count is None else int(count),
                 status=int(body.get("status") or 500),
+                message=body.get("message"),
             )
         except (TypeError, ValueError) as exc:
             raise _Fail(400, str(exc)) from None

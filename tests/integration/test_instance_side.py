@@ -11,6 +11,7 @@ agent's own log.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 import urllib.error
@@ -360,3 +361,107 @@ def test_imds_stand_in_requires_a_session_token(world: World) -> None:
                                    headers={"X-aws-ec2-metadata-token": session})
     assert status(other) == 404
     world.imds.unregister("i-0imdsprobe")
+
+
+# -- secrets: what an instance is handed, and what its runner can see ----------------------
+
+
+def _cmdlines() -> dict[int, bytes]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    out[int(name)] = fh.read()
+            except OSError:
+                continue
+    return out
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        entries = fh.read().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+
+
+def test_no_process_argv_holds_the_token_while_an_instance_registers(world: World) -> None:
+    secret = world.registration()[REGISTRATION_TOKEN]
+    world.github.add_fault("delay", path_contains="/_runner/register", delay_s=2.0, count=1)
+    rid = run_id()
+    (iid,) = world.launch(1, rid)
+    seen_config = False
+    deadline = Deadline(30)
+    while not deadline.expired:
+        lines = _cmdlines()
+        leaking = [pid for pid, line in lines.items() if secret.encode() in line]
+        assert leaking == [], f"the token is on the command line of {leaking}"
+        seen_config = seen_config or any(b"standin_runner.py\0config" in line for line in lines.values())
+        agent = world.agent(iid)
+        if agent is not None and agent.registered_for(rid):
+            break
+        time.sleep(0.02)
+    assert seen_config, "config.sh ran while we scanned (the delay fault holds it for 2 s)"
+    world.wait_signal(iid, Signal.REGISTERED, rid)
+    world.terminate(iid)
+
+
+def test_the_runner_inherits_no_aws_credentials_or_pool_settings(world: World) -> None:
+    rid = run_id()
+    (iid,) = world.launch(1, rid)
+    world.wait_signal(iid, Signal.REGISTERED, rid)
+    home = world.work_dir / iid
+    runner_pids = [pid for pid, line in _cmdlines().items() if b"standin_runner.py\0run" in line
+                   and pid in processes_of(home)]
+    assert runner_pids, "run.sh is running"
+    env = _environ(runner_pids[0])
+    assert not [k for k in env if k.startswith(("AWS_", "RP_"))], sorted(env)
+    assert not [k for k in env if k.startswith("ACTIONS_RUNNER_INPUT_")]
+    assert env.get("RUNNER_ALLOW_RUNASROOT") == "1", "no RP_RUNNER_USER here: the process kind runs as root"
+    world.terminate(iid)
+
+
+def test_the_agent_writes_only_its_listed_attributes(world: World) -> None:
+    from controlplane.records import AGENT_ATTRIBUTES
+
+    rid = run_id()
+    (iid,) = world.launch(1, rid)
+    world.wait_signal(iid, Signal.REGISTERED, rid)
+    world.move(iid, State.CREATED, State.RUNNING, rid, 600)
+    world.move(iid, State.RUNNING, State.DRAINING, rid, 60, new_run_id=None)
+    world.wait_signal(iid, Signal.DEREGISTERED, rid)
+    item = aws.client("dynamodb", world.cfg.region).get_item(
+        TableName=world.cfg.table_name, Key={"pk": {"S": "agent#" + world.pool.arn(iid)}, "sk": {"S": "agent"}},
+        ConsistentRead=True)["Item"]
+    assert set(item) - {"pk", "sk"} <= set(AGENT_ATTRIBUTES), set(item) - set(AGENT_ATTRIBUTES)
+    world.terminate(iid)
+
+
+def test_a_runner_deleted_after_commit_cannot_register_again_and_its_instance_powers_off(world: World) -> None:
+    rid = run_id()
+    (iid,) = world.launch(1, rid)
+    world.wait_signal(iid, Signal.REGISTERED, rid)
+    world.move(iid, State.CREATED, State.RUNNING, rid, 600)              # commit: the token is gone
+    (runner,) = world.runners_of(iid)
+    GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE).delete_runner(runner["id"])
+    agent = world.wait_signal(iid, Signal.REGISTRATION_FAILED, rid)
+    assert "no credential" in (agent.detail or "")
+    world.wait_ec2(iid, "terminated")
+    assert world.runners_of(iid) == [] and world.runner_files(iid) == []
+
+
+def test_a_forged_runner_id_does_not_make_the_control_plane_delete_another_instances_runner(
+        world: World) -> None:
+    rid = run_id()
+    victim, forger = world.launch(2, rid)
+    for iid in (victim, forger):
+        world.wait_signal(iid, Signal.REGISTERED, rid)
+    (victim_runner,) = world.runners_of(victim)
+    forged = world.agent(forger)
+    assert forged is not None
+    forged = AgentRecord(forged.arn, forged.heartbeat_at, forged.signal, forged.signal_run, forged.signal_at,
+                         forged.runner_name, forged.detail, runner_id=victim_runner["id"])
+    gh = GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE)
+    assert finalize.remove_runners(world.pool, gh, {forger: forged}) == []
+    assert [r["id"] for r in world.runners_of(victim)] == [victim_runner["id"]], "the victim's runner stays"
+    for iid in (victim, forger):
+        world.terminate(iid)
