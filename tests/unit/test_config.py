@@ -114,3 +114,19 @@ def test_unknown_resource_class_names_the_ones_that_exist() -> None:
     with pytest.raises(ConfigError) as err:
         cfg.resource_class("huge")
     assert "use one of: small" in str(err.value)
+
+
+def test_ephemeral_is_set_per_pool_and_a_class_may_say_otherwise() -> None:
+    classes = {"trusted": {"vcpu": {"min": 2}, "memory_mib": {"min": 4096}, "ephemeral": False},
+               "forks": {"vcpu": {"min": 2}, "memory_mib": {"min": 4096}, "ephemeral": True},
+               "plain": {"vcpu": {"min": 2}, "memory_mib": {"min": 4096}}}
+    reused = parse_config(good(resource_classes=classes))
+    assert [reused.is_ephemeral(c) for c in ("trusted", "forks", "plain")] == [False, True, False]
+    strict = parse_config(good(resource_classes=classes, ephemeral=True))
+    assert [strict.is_ephemeral(c) for c in ("trusted", "forks", "plain")] == [False, True, True]
+
+
+def test_a_github_app_needs_both_its_id_and_its_installation() -> None:
+    app = parse_config(good(github={"repository": "octo/repo", "app_id": 12, "app_installation_id": 34}))
+    assert (app.github.app_id, app.github.app_installation_id) == (12, 34)
+    assert any("app_installation_id" in p for p in problems(github={"repository": "octo/repo", "app_id": 12}))
