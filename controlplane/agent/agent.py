@@ -71,9 +71,8 @@ REQUIRED = ("RP_TABLE", "RP_GITHUB_URL", "RP_GITHUB_SCOPE", "RP_POOL_LABEL")
 TOKEN_ATTR, JIT_ATTR = "registration_token", "jit_config"     # state-row credentials (controlplane.records)
 # What the runner's processes inherit from the agent's environment: nothing else (no AWS_*, no RP_*).
 # RUNNER_POOL_HOME is a path, not a secret: the local simulator finds an instance's processes by it.
-RUNNER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "http_proxy", "https_proxy", "no_proxy",
-              "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "RUNNER_POOL_PYTHON", "RUNNER_POOL_HOME")
-RUNNER_ENV_PREFIX = "RUNNER_POOL_STANDIN_"                    # the local runner stand-in's own knobs
+# Proxies (*_proxy, any case) pass too, and RUNNER_POOL_STANDIN_* (the local runner stand-in's knobs).
+RUNNER_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "RUNNER_POOL_PYTHON", "RUNNER_POOL_HOME")
 # Tunables (environment name -> default); Cfg exposes RP_HEARTBEAT_S as cfg.heartbeat_s and so on.
 NUMBERS = {
     "RP_HEARTBEAT_S": 5, "RP_LOST_CONTACT_S": 300, "RP_MAX_LIFETIME_S": 86400, "RP_NO_ROW_TIMEOUT_S": 600,
@@ -132,7 +131,8 @@ class Cfg:
 
     def runner_env(self, **extra: str) -> dict[str, str]:
         """The runner's environment: the allow-list above, its user's HOME, and ``extra``."""
-        env = {k: v for k, v in os.environ.items() if k in RUNNER_ENV or k.startswith(RUNNER_ENV_PREFIX)}
+        env = {k: v for k, v in os.environ.items()
+               if k in RUNNER_ENV or k.lower().endswith("_proxy") or k.startswith("RUNNER_POOL_STANDIN_")}
         env["HOME"] = self.runner_home
         if self.runner_user:
             env["USER"] = env["LOGNAME"] = self.runner_user
@@ -286,6 +286,31 @@ def kill(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except OSError:
         pass
+
+
+def kill_user_processes(uid: int, timeout_s: float = 5.0) -> int:
+    """SIGKILL every process owned by ``uid`` until no new one appears (bounded); how many.
+
+    Between jobs the runner user has nothing to run: a process it left behind
+    (daemonized out of run.sh's group) could otherwise read the next
+    registration token from ``config.sh``'s environment, which its own uid may read.
+    """
+    done: set = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = set()
+        for name in os.listdir("/proc"):
+            try:
+                if name.isdigit() and int(name) not in done and os.stat("/proc/" + name).st_uid == uid:
+                    os.kill(int(name), signal.SIGKILL)
+                    new.add(int(name))
+            except OSError:
+                pass
+        if not new:
+            break
+        done |= new
+        time.sleep(0.05)
+    return len(done)
 
 
 def output_tail(path: str, start: int) -> str:
@@ -491,9 +516,10 @@ class Agent:
     def register_once(self, run_id: str, row: dict[str, Any]) -> tuple[bool, str]:
         """config.sh (unless the row holds a just-in-time config), then run.sh until it listens."""
         self.clean_local()
+        self.kill_leftovers()
         jit, token = row.get(JIT_ATTR), row.get(TOKEN_ATTR)
         if not jit and not token:
-            return False, "the state row holds no registration credential for this run"
+            return False, "no credential in the state row"
         self.log.secret(str(jit or token))
         try:
             if jit:
@@ -515,9 +541,11 @@ class Agent:
             return False, f"cannot run the runner: {exc}"
         deadline = time.monotonic() + self.cfg.listen_timeout_s
         while True:
-            if self.listening(started):
-                self.runner_id = self.runner_id or self.local_runner_id()
-                return True, "listening"
+            with open(os.path.join(self.cfg.home, "runner.log"), "rb") as fh:
+                fh.seek(started)
+                if LISTENING in fh.read():
+                    self.runner_id = self.runner_id or self.local_runner_id()
+                    return True, "listening"
             proc = self.proc
             if proc is None or proc.poll() is not None or self.stop_reason:
                 code = proc.poll() if proc is not None else None
@@ -539,11 +567,6 @@ class Agent:
                                          **(self.cfg.runner_as or {}))
         return start
 
-    def listening(self, start: int) -> bool:
-        with open(os.path.join(self.cfg.home, "runner.log"), "rb") as fh:
-            fh.seek(start)
-            return LISTENING in fh.read()
-
     def local_runner_id(self) -> int | None:
         """GitHub's id of the configured runner, from ``.runner`` (UTF-8 with a BOM)."""
         try:
@@ -551,7 +574,7 @@ class Agent:
                 value = json.load(fh).get("agentId")
         except (OSError, ValueError, AttributeError):
             return None
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        return value if type(value) is int and value > 0 else None
 
     def runner_died(self, rc: int) -> str:
         """run.sh exited while registered; a shutdown reason, or '' when the agent carries on.
@@ -568,9 +591,8 @@ class Agent:
         why = "runner deleted on GitHub" if rc == RUNNER_DELETED else f"run.sh exited {rc}"
         self.log("runner_exited", why)
         self.stop_runner()
-        if self.jit:
+        if self.jit:                                    # its one job is over: release terminates us
             self.clean_local()
-            self.log("jit_runner_done", "its one job is over: waiting for release")
             return ""
         self.redos += 1
         if self.redos > self.cfg.attempts:
@@ -582,7 +604,7 @@ class Agent:
                 started = self.start_runner(self.cfg.runner_env())
             except OSError as exc:
                 return f"cannot restart run.sh: {exc}"
-            self.log("runner_restarted", f"log from offset {started}")
+            self.log("runner_restarted", started)
             return ""
         self.clean_local()
         try:
@@ -591,8 +613,8 @@ class Agent:
             row = {}
             self.log("state_read_failed", exc)
         if row.get("run_id") != run_id or not (row.get(TOKEN_ATTR) or row.get(JIT_ATTR)):
-            self.signal("registration_failed", run_id, f"{why} after commit: no credential to register again")
-            return f"the runner for run {run_id} is gone ({why}) and cannot register again"
+            self.signal("registration_failed", run_id, f"{why}: no credential to register again")
+            return f"runner for run {run_id} gone, cannot register again"
         self.run_id = self.runner_id = None
         self.count += 1
         return self.register(run_id, row)
@@ -612,6 +634,13 @@ class Agent:
         kill(proc.pid, signal.SIGKILL)                  # whatever is left of the group (job processes)
         reap(proc, 5)
 
+    def kill_leftovers(self) -> None:
+        """With a runner user: no process of it may outlive its runner (see kill_user_processes)."""
+        if self.cfg.runner_as is not None:
+            n = kill_user_processes(int(self.cfg.runner_as["user"]))
+            if n:
+                self.log("leftovers_killed", n)
+
     def clean_local(self) -> None:
         """Wipe the runner's credential files: without them nothing on this instance can act as it."""
         for name in LOCAL_FILES:
@@ -625,6 +654,7 @@ class Agent:
         which the control plane deletes on GitHub."""
         started = time.monotonic()
         self.stop_runner()
+        self.kill_leftovers()
         self.clean_local()
         note = f"stopped and wiped in {time.monotonic() - started:.1f} s"
         self.acked = self.run_id

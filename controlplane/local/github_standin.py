@@ -658,7 +658,7 @@ class GitHubStandIn:
         scheme, _, credential = request.authorization.partition(" ")
         if scheme.lower() != "bearer":
             return _Reply(401, {"message": "A JSON web token could not be decoded"})
-        import jwt                          # PyJWT: only the App path needs it
+        import jwt  # PyJWT: only the App path needs it
 
         try:
             claims = jwt.decode(credential.strip(), self.app_public_key, algorithms=["RS256"],

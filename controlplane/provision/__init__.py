@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store, token as tokens
+from controlplane import aws, metrics, store
+from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import USAGE_CLASSES
 from controlplane.errors import ConfigError, RunnerPoolError

@@ -35,11 +35,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from controlplane import aws, pool as pool_q, store
+from controlplane import aws, store
+from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
+from controlplane.errors import RunnerPoolError
 from controlplane.logs import QUIET, Progress, event
 from controlplane.pool import PoolMessage
-from controlplane.errors import RunnerPoolError
 from controlplane.records import AgentRecord, Member, State
 from controlplane.state import transition
 from controlplane.store import Pool

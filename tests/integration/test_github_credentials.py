@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from controlplane.clock import Deadline, wait_until
 from controlplane.errors import ConfigError, RunnerPoolError
 from controlplane.github import (
-    APP_ID_ENV, APP_INSTALLATION_ENV, APP_KEY_ENV, GitHubClient, RetryPolicy, github_client_from_env,
+    APP_ID_ENV,
+    APP_INSTALLATION_ENV,
+    APP_KEY_ENV,
+    GitHubClient,
+    RetryPolicy,
+    github_client_from_env,
 )
 from controlplane.local.github_standin import GitHubStandIn
 

@@ -56,3 +56,20 @@ def test_a_process_the_agent_starts_for_the_runner_really_runs_as_that_user(tmp_
     uid, groups = out.split(" | ")
     assert int(uid) == nobody.pw_uid
     assert groups.split() == [str(nobody.pw_gid)], "no supplementary group of the agent is kept"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_processes_the_runner_user_left_behind_are_killed_before_the_next_registration() -> None:
+    import subprocess
+
+    uid = 61013                     # a uid no account and no process on this machine uses: only ours die
+    assert agent.kill_user_processes(uid, timeout_s=0) == 0
+    # A job that daemonized out of run.sh's process group, waiting for the next config.sh.
+    lurker = subprocess.Popen(["sleep", "300"], cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                              start_new_session=True, user=uid, group=uid, extra_groups=[])
+    try:
+        assert agent.kill_user_processes(uid) == 1
+        assert lurker.wait(timeout=10) == -9
+    finally:
+        if lurker.poll() is None:
+            lurker.kill()
