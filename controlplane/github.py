@@ -115,6 +115,8 @@ class RetryPolicy:
     def __call__(self, exc: GitHubException, retry_count: int) -> RetryOption:
         if retry_count >= self.max_retries:
             return RetryOption(False)
+        if not isinstance(exc, RequestFailed) and isinstance(exc.__cause__, RequestFailed):
+            exc = exc.__cause__                     # an answer inside the auth flow (App token exchange)
         if is_secondary_rate_limit(exc) and not isinstance(exc, RateLimitExceeded):
             # No Retry-After: GitHub asks for at least a minute; the cap keeps a provision moving.
             return RetryOption(True, timedelta(seconds=min(60.0, self.max_rate_limit_wait_s)))
@@ -366,6 +368,9 @@ class GitHubClient:
                 ) from exc
             raise self._status_error(exc.response.status_code, doing) from exc
         except RequestError as exc:
+            inner = exc.__cause__
+            if isinstance(inner, RequestFailed):        # raised inside the auth flow (App token exchange)
+                raise self._status_error(inner.response.status_code, doing) from inner
             raise RunnerPoolError(
                 f"could not reach GitHub at {self.api_url} to {doing}: {exc}",
                 hint="check the GitHub API URL and the network",

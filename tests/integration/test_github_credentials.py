@@ -96,12 +96,19 @@ def test_an_app_installation_mints_one_token_and_reuses_it_for_later_calls(
         "the installation token is cached across the per-call clients (minted at most once)"
 
 
-def test_an_app_key_github_does_not_know_is_rejected_with_a_clear_error(standin: GitHubStandIn) -> None:
-    other_private, _ = _pem_pair()
-    with pytest.raises(RunnerPoolError) as caught:
-        app_client(standin, other_private, installation=INSTALLATION_ID + 1).list_runners()
-    assert standin.state()["runners"] == []
-    assert "GitHub" in caught.value.message
+def test_an_app_key_github_does_not_know_is_rejected_with_a_clear_error(app_key: tuple[str, str]) -> None:
+    # An App of its own: githubkit caches JWTs and installation tokens per App in the process.
+    other_app = APP_ID + 1
+    with GitHubStandIn(pat=PAT, app_id=other_app, app_public_key=app_key[1],
+                       app_installation_id=INSTALLATION_ID) as gh:
+        wrong_private, _ = _pem_pair()
+        client = GitHubClient(gh.url, "", SCOPE, retry=FAST_RETRY, app_id=other_app,
+                              app_installation_id=INSTALLATION_ID, app_private_key=wrong_private)
+        with pytest.raises(RunnerPoolError) as caught:
+            client.list_runners()
+        assert caught.value.message == "GitHub rejected the App's credentials"
+        assert requests(gh, "POST /app/installations/{installation_id}/access_tokens") == 1, "a 401 is not retried"
+        assert requests(gh, "GET /repos/{owner}/{repo}/actions/runners") == 0, "no API call got through"
 
 
 def test_the_app_is_configured_from_the_environment(standin: GitHubStandIn, app_key: tuple[str, str],
