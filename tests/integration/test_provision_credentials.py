@@ -99,3 +99,16 @@ def test_an_ephemeral_class_registers_just_in_time_runners_and_never_reuses_an_i
     assert second.ok and second.from_pool == 0 and second.created == 1
     assert not set(second.instance_ids) & set(first.instance_ids)
     release(pool, second.run_id)
+
+
+def test_provision_without_a_github_credential_is_bad_input_and_launches_nothing(make_pool: Any, emu: Emu) -> None:
+    from tests.conftest import run_cli_with_own_key
+
+    pool = make_pool()
+    p, key = run_cli_with_own_key("provision", "--pool", pool.name, "--run-id", "run-nocred",
+                                  "--resource-class", "small", "--count", "1",
+                                  env={"RUNNER_POOL_GITHUB_TOKEN": "", "GITHUB_TOKEN": ""})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: GitHub token not set (export RUNNER_POOL_GITHUB_TOKEN")
+    assert emu.requests(access_key=key)["mutations"] == 0
+    assert store.run_records(pool, "run-nocred") == []
