@@ -35,6 +35,12 @@ def per_runner(calls: dict[str, int], n: int, services: tuple[str, ...] = ("dyna
     return sum(v for k, v in calls.items() if k.split(".", 1)[0] in services) / n
 
 
+def github_api_calls(loc: h.Local) -> int:
+    """REST API requests the stand-in has served (the control plane's; runners use /_runner/*)."""
+    reqs = loc.call(f"{loc.github}/_control/state")["requests"]
+    return sum(v for k, v in reqs.items() if k.split(" ", 1)[-1].startswith(("/repos/", "/orgs/", "/app/")))
+
+
 def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
     from controlplane.provision import ProvisionRequest, provision
     from controlplane.release import release
@@ -43,6 +49,8 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
     total_per: list[float] = []
     fleets: list[int] = []
     rel_per: list[float] = []
+    gh_per: list[float] = []
+    gh_rel_per: list[float] = []
     ops: Counter[str] = Counter()
     pool = loc.pool(spot_fallback=True)
     loc.behaviour(match={"pool": pool.name}, registration="ok", registration_delay_s=0)
@@ -51,8 +59,10 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):
         if kind == "spot_fallback":
             loc.capacity(lifecycle="spot", available=0, count=1)
+        gh_before = github_api_calls(loc)
         res = provision(pool, ProvisionRequest(h.run_id(kind), "small", n,
                                                "spot" if kind == "spot_fallback" else None))
+        gh_per.append((github_api_calls(loc) - gh_before) / n)
         if not res.ok:
             raise SystemExit(f"{kind}: provision failed: {res.reason}")
         if kind == "warm" and res.from_pool != n or kind != "warm" and res.created != n:
@@ -61,7 +71,9 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
         total_per.append(sum(res.api_calls_by_op.values()) / n)
         fleets.append(res.fleet_calls)
         ops.update(res.api_calls_by_op)
+        gh_before = github_api_calls(loc)
         rel = release(pool, res.run_id)
+        gh_rel_per.append((github_api_calls(loc) - gh_before) / n)
         rel_per.append(sum(v for k, v in rel.api_calls.items() if k in ("dynamodb", "sqs")) / n)
         if kind != "warm":                          # keep every repeat cold: drop what was just returned
             loc.destroy_pools()
@@ -73,6 +85,7 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
     return {"dynamodb_sqs_per_runner": h.summary(per), "all_calls_per_runner": h.summary(total_per),
             "create_fleet_per_provision": h.summary([float(f) for f in fleets]),
             "release_dynamodb_sqs_per_runner": h.summary(rel_per),
+            "github_per_runner": h.summary(gh_per), "release_github_per_runner": h.summary(gh_rel_per),
             "calls_by_operation_per_provision": {k: round(v / repeats, 2) for k, v in sorted(ops.items())}}
 
 
@@ -85,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         result = {kind: case(loc, kind, args.count, args.repeats) for kind in ("warm", "cold", "spot_fallback")}
     path = h.write_result("api_cost", {"count": args.count, "repeats": args.repeats, "result": result})
     rows = [[kind, f"{r['dynamodb_sqs_per_runner']['median']:.2f}", f"{r['all_calls_per_runner']['median']:.2f}",
-             f"{r['create_fleet_per_provision']['median']:.0f}", f"{r['release_dynamodb_sqs_per_runner']['median']:.2f}"]
+             f"{r['create_fleet_per_provision']['median']:.0f}", f"{r['release_dynamodb_sqs_per_runner']['median']:.2f}",
+             f"{r['github_per_runner']['median']:.2f}", f"{r['release_github_per_runner']['median']:.2f}"]
             for kind, r in result.items()]
     print(h.table([f"N={args.count}", "DynamoDB+SQS calls / runner", "all calls / runner",
-                   "CreateFleet / provision", "release DynamoDB+SQS / runner"], rows))
+                   "CreateFleet / provision", "release DynamoDB+SQS / runner", "GitHub API / runner",
+                   "release GitHub API / runner"], rows))
     for kind, r in result.items():
         print(f"\n{kind}, calls per provision: " + ", ".join(
             f"{k} {v:g}" for k, v in r["calls_by_operation_per_provision"].items()))
