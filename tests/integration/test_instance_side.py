@@ -33,7 +33,14 @@ from controlplane.local.github_standin import GitHubStandIn
 from controlplane.local.imds import ImdsStandIn
 from controlplane.local.simulator import Simulator, processes_of
 from controlplane.provision import finalize
-from controlplane.records import REGISTRATION_ATTRIBUTES, REGISTRATION_TOKEN, AgentRecord, LaunchedInstance, Signal, State
+from controlplane.records import (
+    REGISTRATION_ATTRIBUTES,
+    REGISTRATION_TOKEN,
+    AgentRecord,
+    LaunchedInstance,
+    Signal,
+    State,
+)
 from controlplane.state import transition
 from controlplane.userdata import render_user_data
 
