@@ -126,7 +126,7 @@ class Cfg:
                 pw = pwd.getpwnam(self.runner_user)
             except KeyError:
                 raise AgentError(f"RP_RUNNER_USER={self.runner_user!r}: no such user") from None
-            self.runner_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            self.runner_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "umask": 0o077}
             self.runner_home = pw.pw_dir
 
     def runner_env(self, **extra: str) -> dict[str, str]:

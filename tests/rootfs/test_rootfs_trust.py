@@ -132,9 +132,6 @@ def test_a_job_as_the_runner_user_cannot_read_the_agent_reach_imds_use_sudo_or_f
     check(pool, emu)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 13): a process a job leaves behind runs as the same uid as "
-                                       "the next registration's config.sh and reads its token from /proc; the agent "
-                                       "must kill every process of the runner user before it registers")
 def test_a_process_left_behind_by_a_job_finds_no_token_when_the_next_run_registers(make_pool: Any, emu: Emu) -> None:
     pool = rootfs_pool(make_pool, emu)
     first = run_id()

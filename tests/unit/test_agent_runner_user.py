@@ -34,7 +34,7 @@ def test_without_a_runner_user_the_runner_may_run_as_root_and_inherits_no_secret
 def test_with_a_runner_user_a_root_agent_runs_the_runner_as_that_user_with_its_home() -> None:
     nobody = pwd.getpwnam("nobody")
     cfg = agent.Cfg({**BASE, "RP_RUNNER_USER": "nobody"})
-    assert cfg.runner_as == {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    assert cfg.runner_as == {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": [], "umask": 0o077}
     env = cfg.runner_env()
     assert env["HOME"] == nobody.pw_dir and env["USER"] == env["LOGNAME"] == "nobody"
     assert "RUNNER_ALLOW_RUNASROOT" not in env
