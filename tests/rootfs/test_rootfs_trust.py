@@ -104,8 +104,8 @@ def provision_one(pool: Any, rid: str) -> str:
 
 def secrets_of(pool: Any) -> str:
     stored = token.read_tokens(pool.config)
-    assert stored is not None and stored.registration and stored.removal
-    return f"{stored.registration}\n{stored.removal}\n"
+    assert stored is not None and stored.registration          # the pool's only runner secret now
+    return f"{stored.registration}\n"
 
 
 def look(emu: Emu, iid: str, pool: Any, user: str | None = "runner") -> dict[str, Any]:
