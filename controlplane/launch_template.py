@@ -47,14 +47,15 @@ def instance_tags(cfg: PoolConfig) -> dict[str, str]:
 
 def render(cfg: PoolConfig) -> dict[str, Any]:
     """LaunchTemplateData for the pool (ConfigError if the user data is over 16 KB)."""
-    from controlplane.userdata import pre_runner_room, render_user_data
+    from controlplane.userdata import pre_runner_room, user_data_bytes
 
-    user_data = render_user_data(cfg)
-    size = len(user_data.encode())
+    user_data = user_data_bytes(cfg)
+    size = len(user_data)
     if size > USER_DATA_LIMIT_BYTES:
         room = pre_runner_room(cfg, USER_DATA_LIMIT_BYTES)
         raise ConfigError(
-            f"pre_runner_script: {len(cfg.pre_runner_script.encode())} bytes make the user data {size} bytes, "
+            f"pre_runner_script: {len(cfg.pre_runner_script.encode())} bytes make the user data {size} bytes "
+            "gzipped, "
             f"over EC2's {USER_DATA_LIMIT_BYTES} byte limit",
             hint=(f"shorten it to at most {room} bytes" if room >= 0 else "shorten the pool's settings")
             + " or move it into the AMI")
@@ -62,7 +63,7 @@ def render(cfg: PoolConfig) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ImageId": cfg.ami,
         "IamInstanceProfile": {"Name": cfg.instance_profile},
-        "UserData": base64.b64encode(user_data.encode()).decode(),
+        "UserData": base64.b64encode(user_data).decode(),
         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled",
                             "InstanceMetadataTags": "enabled"},
         "InstanceInitiatedShutdownBehavior": "terminate",

@@ -55,6 +55,7 @@ import base64
 import calendar
 import copy
 import fnmatch
+import gzip
 import json
 import logging
 import os
@@ -173,12 +174,14 @@ def _user_data(raw: Any) -> bytes:
         raw = raw[0] if raw else None
         if raw is None:
             return b""
-    if hasattr(raw, "decode") and not isinstance(raw, (bytes, str)):
-        return str(raw.decode()).encode()
+    if hasattr(raw, "as_bytes") and not isinstance(raw, (bytes, str)):
+        raw = raw.as_bytes()                  # moto's Base64EncodedString: the base64 text itself
     try:
-        return base64.b64decode(raw, validate=True)
+        data = base64.b64decode(raw, validate=True)
     except ValueError:
-        return raw.encode() if isinstance(raw, str) else bytes(raw)
+        data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    # cloud-init runs gzip user data as the script inside (the launch template carries it gzipped).
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
 def validate_rule(rule: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ agent's own log.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import time
@@ -26,7 +27,7 @@ import pytest
 
 from controlplane import aws, launch_template, store, token
 from controlplane.clock import Deadline, wait_until
-from controlplane.config import PoolConfig
+from controlplane.config import USER_DATA_LIMIT_BYTES, PoolConfig
 from controlplane.github import GitHubClient
 from controlplane.local.emulator import FAULTS, REQUESTS, Emulator
 from controlplane.local.github_standin import GitHubStandIn
@@ -42,7 +43,7 @@ from controlplane.records import (
     State,
 )
 from controlplane.state import transition
-from controlplane.userdata import render_user_data
+from controlplane.userdata import pre_runner_room, render_user_data, user_data_bytes, user_data_size
 
 PAT = "test-pat"
 SCOPE = "octo/instance-side"
@@ -194,9 +195,12 @@ def no_leftover_behaviours(world: World) -> Iterator[None]:
 
 def test_user_data_is_small_deterministic_and_holds_no_token(world: World) -> None:
     user_data = render_user_data(world.cfg)
-    size = len(user_data.encode())
-    print(f"user data with an empty pre-runner script: {size} bytes")
+    size = user_data_size(world.cfg)                  # gzipped, as the launch template carries it
+    room = pre_runner_room(world.cfg, USER_DATA_LIMIT_BYTES)
+    print(f"user data with an empty pre-runner script: {size} bytes gzipped; room for a pre-runner script: {room}")
     assert size < 12 * 1024
+    assert room >= 4 * 1024
+    assert gzip.decompress(user_data_bytes(world.cfg)).decode() == user_data
     assert render_user_data(world.cfg) == user_data
     stored = token.read_tokens(world.cfg)
     assert stored is not None

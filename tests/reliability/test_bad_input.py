@@ -25,6 +25,7 @@ A run id that still holds a live fleet, and the Pulumi side's input checks
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,7 +47,9 @@ from controlplane.userdata import user_data_size
 from tests.conftest import RELIABLE, Emu, pool_config_dict, run_cli_with_own_key
 from tests.reliability.invariants import check
 
-BIG_SCRIPT = "echo 'warming the build cache, step by step'\n" * 200       # ~9 KB: user data ends near 23 KB
+# User data is gzipped, so a repetitive script would fit: 400 lines of distinct digests (~28 KB, about
+# 14 KB once gzipped) take the user data past 16 KB whatever the compression.
+BIG_SCRIPT = "".join(f"echo {hashlib.sha256(str(i).encode()).hexdigest()}\n" for i in range(400))
 NO_TOKEN = {"RUNNER_POOL_GITHUB_TOKEN": "", "GITHUB_TOKEN": ""}
 WRONG_TOKEN = {"RUNNER_POOL_GITHUB_TOKEN": "ghp_expired0000000000000000000000000000", "GITHUB_TOKEN": ""}
 
