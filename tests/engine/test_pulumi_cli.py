@@ -14,6 +14,7 @@ refresh, run stacks, then destroy.
 """
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from controlplane import aws, store
+from controlplane import aws, store, token
 from controlplane import pool as pool_q
 from controlplane.apply import pool_instance_ids
 from controlplane.config import PoolConfig, parse_config
@@ -144,9 +145,19 @@ def test_a_run_stack_on_the_pool_stack_gives_label_and_instances_and_destroy_ret
     name = f"run-{rid}"
     stack.project.new_stack(name, {"kind": "run", "poolStack": stack.ref, "runId": rid, "resourceClass": "small",
                                    "count": 2})
-    stack.project.pulumi("up", "--yes", "--skip-preview", stack=name)
+    up = stack.project.pulumi("up", "--yes", "--skip-preview", stack=name)
     out = stack.project.outputs(name)
     assert out["label"] == rid and out["count"] == 2 and len(out["instanceIds"]) == 2
+    # The pool's registration token is in none of what a user (or a job) can see of the run: what `up`
+    # printed (the provider host's logs included), the outputs, either stack's state, the table after commit.
+    stored = token.read_tokens(stack.cfg)
+    assert stored is not None and len(stored.registration) > 8
+    table = aws.client("dynamodb", stack.cfg.region).scan(TableName=stack.cfg.table_name)["Items"]
+    for what, text in {"up's output": up.stdout + up.stderr, "stack outputs": json.dumps(out),
+                       "the run stack's state": json.dumps(stack.project.export(name)),
+                       "the pool stack's state": json.dumps(stack.project.export(stack.name)),
+                       "the state table": json.dumps(table)}.items():
+        assert stored.registration not in text, f"the registration token is in {what}"
     assert sorted(r["name"].rsplit("-", 1)[0] for r in online(emu, rid)) == sorted(out["instanceIds"])
     pool = store.load_pool(stack.cfg.name, stack.cfg.region)
     assert {r.instance_id for r in store.run_records(pool, rid)} == set(out["instanceIds"])
