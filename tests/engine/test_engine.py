@@ -11,6 +11,7 @@ the state table, instances in EC2 and runners in the GitHub stand-in.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -175,7 +176,9 @@ def test_launch_template_update_adds_a_default_version_and_keeps_the_template(
 def test_launch_template_check_refuses_user_data_over_the_ec2_limit(host: ProviderHost,
                                                                    pool_dict: dict[str, Any]) -> None:
     lt = Dyn(host, LaunchTemplateProvider(), "LaunchTemplate", "launch-template")
-    chk = lt.check({"pool": with_(pool_dict, preRunnerScript="echo " + "x" * 20000)})
+    # Distinct digests: the user data is gzipped, so a repetitive script would compress under the limit.
+    script = "".join(f"echo {hashlib.sha256(str(i).encode()).hexdigest()}\n" for i in range(400))
+    chk = lt.check({"pool": with_(pool_dict, preRunnerScript=script)})
     assert [p for p, _ in chk.failures] == ["pool"]
     assert "16384 byte limit" in chk.failures[0][1]
 
