@@ -150,14 +150,7 @@ def terminate(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK,
         except ClientError as exc:
             if aws.error_code(exc) != "InvalidInstanceID.NotFound":
                 raise aws.wrap(exc, "ec2:TerminateInstances") from exc
-        for iid in chunk:                          # one unknown id fails the whole call: go one by one
-            try:
-                ec2.terminate_instances(InstanceIds=[iid])
-                done.append(iid)
-            except ClientError as one:
-                if aws.error_code(one) != "InvalidInstanceID.NotFound":
-                    raise aws.wrap(one, "ec2:TerminateInstances") from one
-                unknown.append(iid)
+        unknown.extend(_terminate_one_by_one(ec2, chunk, done))   # one unknown id fails the whole call
     deadline = Deadline(not_found_retry_s, clock)
     delay = NOT_FOUND_BACKOFF_S[0]
     attempts = 1
@@ -165,20 +158,27 @@ def terminate(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK,
         clock.sleep(min(delay, deadline.remaining_s))
         delay = min(delay * 2, NOT_FOUND_BACKOFF_S[1])
         attempts += 1
-        still = []
-        for iid in unknown:
-            try:
-                ec2.terminate_instances(InstanceIds=[iid])
-                done.append(iid)
-            except ClientError as exc:
-                if aws.error_code(exc) != "InvalidInstanceID.NotFound":
-                    raise aws.wrap(exc, "ec2:TerminateInstances") from exc
-                still.append(iid)
-        unknown = still
+        unknown = _terminate_one_by_one(ec2, unknown, done)
     if unknown:
         event("terminate.not_found", logging.WARNING, instance_ids=unknown, attempts=attempts,
               retried_s=round(deadline.elapsed_s, 1))
     return Termination(done, unknown)
+
+
+def _terminate_one_by_one(ec2: Any, instance_ids: list[str], done: list[str]) -> list[str]:
+    """Terminate each id on its own, appending the terminated to ``done``; returns the ids EC2 does not know."""
+    from botocore.exceptions import ClientError
+
+    not_found: list[str] = []
+    for iid in instance_ids:
+        try:
+            ec2.terminate_instances(InstanceIds=[iid])
+            done.append(iid)
+        except ClientError as exc:
+            if aws.error_code(exc) != "InvalidInstanceID.NotFound":
+                raise aws.wrap(exc, "ec2:TerminateInstances") from exc
+            not_found.append(iid)
+    return not_found
 
 
 def terminate_instances(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK) -> list[str]:
