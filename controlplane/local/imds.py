@@ -93,10 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self.path
         return "/" + self.server.standin.by_address(self.client_address[0]) + self.path
 
-    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+    def do_PUT(self) -> None:
         self._reply(*self.server.standin._put(self._path(), self.headers))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._reply(*self.server.standin._get(self._path(), self.headers))
 
     def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
@@ -109,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the agent logs what it got."""
 
 
