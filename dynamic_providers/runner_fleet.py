@@ -106,9 +106,10 @@ class RunnerFleetProvider(pulumi.dynamic.ResourceProvider):
         with _base.mapped_errors(f"provision run {run_id}"):
             pool = store.load_pool(props["poolName"], props["region"])
             res = provision(pool, request_of(props), Progress())
-            if not res.ok:
-                # The provision already rolled back; raising keeps the fleet out of the stack.
-                raise failure_error(res)
+        if not res.ok:
+            # The provision already rolled back; raising keeps the fleet out of the stack. The engine
+            # prints this line, so it reads like the CLI's: "provision of run <id> failed: <why>; ...".
+            raise _base.ProviderError(f"provision of run {run_id} failed: {failure_error(res)}")
         instances = [{"id": m.instance_id, "source": m.source, "instanceType": m.instance_type,
                       "subnet": m.subnet_id, "usageClass": m.usage_class} for m in res.instances]
         return CreateResult(run_id, _base.outputs(
