@@ -36,7 +36,7 @@ class _QuietHandler(WSGIRequestHandler):
 
     protocol_version = "HTTP/1.0"
 
-    def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - werkzeug's signature
+    def log(self, type: str, message: str, *args: Any) -> None:
         """Quiet."""
 
 
