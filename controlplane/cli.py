@@ -78,20 +78,38 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
     ) -> tuple[argparse.Namespace, list[str]]:
-        required = [action for action in self._actions if action.required]
-        for action in required:
-            action.required = False
+        self._unchecked = [action for action in self._actions if action.required]
+        self._mark_required(False)
         try:
             parsed, extras = super().parse_known_args(args, namespace)
         except argparse.ArgumentError as exc:
             raise self._problem(exc) from None
         finally:
-            for action in required:
-                action.required = True
-        missing = [_name(action) for action in required if getattr(parsed, action.dest, None) is None]
+            self._mark_required(True)
+            unchecked, self._unchecked = self._unchecked, []
+        missing = [_name(action) for action in unchecked if getattr(parsed, action.dest, None) is None]
         if missing:
             raise ArgumentProblem(", ".join(missing), "required", self._fix())
         return parsed, extras
+
+    def _mark_required(self, required: bool) -> None:
+        for action in getattr(self, "_unchecked", []):
+            action.required = required
+
+    def format_usage(self) -> str:
+        """As declared, also while parsing (``--help`` prints in the middle of a parse)."""
+        self._mark_required(True)
+        try:
+            return super().format_usage()
+        finally:
+            self._mark_required(False)
+
+    def format_help(self) -> str:
+        self._mark_required(True)
+        try:
+            return super().format_help()
+        finally:
+            self._mark_required(False)
 
     def _problem(self, exc: argparse.ArgumentError) -> ArgumentProblem:
         """The ArgumentError as data: our own ``_BadValue`` cause, else the argument's choices, else its text."""
