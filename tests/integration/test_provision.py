@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -24,10 +23,7 @@ from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
 from tests.conftest import ROOT, Emu
-
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
+from tests.factories import run_id
 
 
 def prov(pool: Any, n: int, cls: str = "small", usage: str | None = None, rid: str | None = None) -> ProvisionResult:

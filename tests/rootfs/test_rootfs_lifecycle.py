@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,13 @@ import pytest
 from controlplane import aws, store
 from controlplane.records import State
 from tests.conftest import ROOT, Emu, pool_config_dict, run_cli, wait_for
+from tests.factories import run_id
 from tests.reliability.invariants import check, online
 from tests.rootfs.conftest import inside, rootfs_pool, sim_status
 
 pytestmark = pytest.mark.usefixtures("rootfs_root")
 BOOT_S = 240.0                         # first boots install python3 and boto3: generous on a busy 2-core machine
 
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
