@@ -8,7 +8,6 @@ just-in-time runners and are never reused.
 """
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from controlplane import aws, store
@@ -16,10 +15,11 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import REGISTRATION_ATTRIBUTES
 from controlplane.release import release
 from tests.conftest import Emu
+from tests.factories import run_id
 
 
 def prov(pool: Any, n: int, cls: str = "small") -> ProvisionResult:
-    return provision(pool, ProvisionRequest(f"run-{uuid.uuid4().hex[:10]}", cls, n))
+    return provision(pool, ProvisionRequest(run_id(), cls, n))
 
 
 def state_items(pool: Any, ids: list[str]) -> dict[str, dict[str, Any]]:
