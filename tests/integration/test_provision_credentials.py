@@ -15,7 +15,7 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import REGISTRATION_ATTRIBUTES
 from controlplane.release import release
 from tests.conftest import Emu
-from tests.factories import run_id
+from tests.factories import provision_rolled_back_by_one_failed_registration, run_id
 
 
 def prov(pool: Any, n: int, cls: str = "small") -> ProvisionResult:
@@ -63,11 +63,7 @@ def test_after_commit_no_row_holds_a_credential_and_every_runner_stays_registere
 def test_after_rollback_no_row_holds_a_credential_and_no_runner_of_the_run_is_left(make_pool: Any,
                                                                                   emu: Emu) -> None:
     pool = make_pool()
-    warm = prov(pool, 1)
-    assert warm.ok
-    release(pool, warm.run_id)
-    emu.behaviour(match={"pool": pool.name}, count=1, registration="fail")
-    res = prov(pool, 3)
+    warm, res = provision_rolled_back_by_one_failed_registration(pool, emu)
     assert not res.ok
     touched = res.cleanup.terminated + res.cleanup.returned_to_pool
     assert len(touched) == 3 and warm.instance_ids[0] in res.cleanup.returned_to_pool
