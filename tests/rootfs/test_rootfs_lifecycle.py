@@ -137,16 +137,21 @@ def test_a_stopped_rootfs_instance_keeps_its_layer_and_its_agent_comes_back_when
     check(pool, emu)
 
 
+def launch_from_the_template(pool: Any) -> str:
+    """One instance from the pool's launch template, outside any provision (RunInstances, as a user could)."""
+    resp = aws.client("ec2", pool.region).run_instances(
+        LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name}, MinCount=1, MaxCount=1,
+        SubnetId=pool.config.subnets[0], TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool", "Value": pool.config.name}]}])
+    return str(resp["Instances"][0]["InstanceId"])
+
+
 def test_the_agents_power_off_terminates_a_rootfs_instance_like_ec2s_shutdown_behaviour(
         make_pool: Any, emu: Emu) -> None:
     pool = rootfs_pool(make_pool, emu)
     emu.behaviour(match={"pool": pool.config.name}, kind="rootfs", env={"RP_NO_ROW_TIMEOUT_S": "5"})
     ec2 = aws.client("ec2", pool.region)
-    resp = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name},
-                             MinCount=1, MaxCount=1, SubnetId=pool.config.subnets[0], TagSpecifications=[
-                                 {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
-                                                                        "Value": pool.config.name}]}])
-    iid = resp["Instances"][0]["InstanceId"]
+    iid = launch_from_the_template(pool)
     wait_for(lambda: settled(emu, iid, "shutdown"), f"{iid} to power off", BOOT_S)
 
     def state() -> str:
@@ -226,11 +231,7 @@ def test_a_killed_agent_leaves_a_rootfs_instance_running_and_silent_like_a_wedge
         make_pool: Any, emu: Emu) -> None:
     pool = rootfs_pool(make_pool, emu)
     ec2 = aws.client("ec2", pool.region)
-    resp = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name},
-                             MinCount=1, MaxCount=1, SubnetId=pool.config.subnets[0], TagSpecifications=[
-                                 {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
-                                                                        "Value": pool.config.name}]}])
-    iid = resp["Instances"][0]["InstanceId"]
+    iid = launch_from_the_template(pool)
 
     def heartbeat() -> float:
         agent = store.read_set(pool, [iid])[iid][1]
