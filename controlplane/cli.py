@@ -16,37 +16,121 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from controlplane import inputs
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
 
+if TYPE_CHECKING:                           # imported where used: a command loads only what it needs
+    from controlplane.config import PoolConfig
+    from controlplane.github import GitHubClient
+    from controlplane.store import Pool
+
+
+class ArgumentProblem(ConfigError):
+    """A bad command line, about ``argument`` (``--count``, ``COMMAND``; None: the line as a whole).
+
+    Printed as ``error: <argument>: <problem> (<hint>)``, exit 2, like every other bad input.
+    """
+
+    def __init__(self, argument: str | None, problem: str, hint: str) -> None:
+        super().__init__(f"{argument}: {problem}" if argument else problem, hint)
+        self.argument = argument
+
+
+class _BadValue(argparse.ArgumentTypeError):
+    """What a ``type=`` function raises: the problem and its fix, kept apart.
+
+    argparse wraps it in an ArgumentError raised while handling it, so the
+    parser finds it again as that error's ``__context__``.
+    """
+
+    def __init__(self, problem: str, hint: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.hint = hint
+
+
+def _name(action: argparse.Action) -> str:
+    """How the user spells an argument: its option strings, else its metavar or dest (as argparse does)."""
+    return "/".join(action.option_strings) or str(action.metavar or action.dest)
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one ``error:`` line naming it (no usage block), exit 2."""
+    """argparse, but every bad argument raises :class:`ArgumentProblem` (no usage block, no exit here).
+
+    With ``exit_on_error=False`` argparse raises its ArgumentError (which names the
+    argument) instead of printing; the two checks it still reports only as English
+    text through :meth:`error` are made here instead: missing required arguments
+    (argparse's own check is switched off for the parse and redone over the
+    actions) and unrecognized arguments (``parse_args`` over ``parse_known_args``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["exit_on_error"] = False
+        super().__init__(*args, **kwargs)
+
+    def _fix(self) -> str:
+        return f"see `{self.prog} --help`"
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._unchecked = [action for action in self._actions if action.required]
+        self._mark_required(False)
+        try:
+            parsed, extras = super().parse_known_args(args, namespace)
+        except argparse.ArgumentError as exc:
+            raise self._problem(exc) from None
+        finally:
+            self._mark_required(True)
+            unchecked, self._unchecked = self._unchecked, []
+        missing = [_name(action) for action in unchecked if getattr(parsed, action.dest, None) is None]
+        if missing:
+            raise ArgumentProblem(", ".join(missing), "required", self._fix())
+        return parsed, extras
+
+    def _mark_required(self, required: bool) -> None:
+        for action in getattr(self, "_unchecked", []):
+            action.required = required
+
+    def format_usage(self) -> str:
+        """As declared, also while parsing (``--help`` prints in the middle of a parse)."""
+        self._mark_required(True)
+        try:
+            return super().format_usage()
+        finally:
+            self._mark_required(False)
+
+    def format_help(self) -> str:
+        self._mark_required(True)
+        try:
+            return super().format_help()
+        finally:
+            self._mark_required(False)
+
+    def _problem(self, exc: argparse.ArgumentError) -> ArgumentProblem:
+        """The ArgumentError as data: our own ``_BadValue`` cause, else the argument's choices, else its text."""
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, _BadValue):
+            return ArgumentProblem(exc.argument_name, cause.problem, cause.hint)
+        action = next((a for a in self._actions if _name(a) == exc.argument_name), None)
+        if action is not None and action.choices is not None:   # a subcommand: its choices are its parsers
+            return ArgumentProblem(exc.argument_name, "not a known command",
+                                   f"use one of: {', '.join(map(str, action.choices))}")
+        return ArgumentProblem(exc.argument_name, exc.message, self._fix())
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise ArgumentProblem(None, f"unrecognized arguments: {' '.join(extras)}", self._fix())
+        return parsed
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {_argument_problem(message, self.prog)}\n")
-
-
-def _argument_problem(message: str, prog: str) -> str:
-    """argparse's message as ``<argument>: <what is wrong> (<the fix>)``."""
-    fix = f"see `{prog} --help`"
-    required = re.match(r"the following arguments are required: (.+)$", message)
-    if required:
-        return f"{required.group(1)}: required ({fix})"
-    arg = re.match(r"argument (\S+?): (.+)$", message)
-    if not arg:
-        return f"{message} ({fix})"
-    name, problem = arg.groups()
-    choice = re.match(r"invalid choice: (.+?) \(choose from (.+)\)$", problem)
-    if choice:
-        value, choices = choice.group(1), choice.group(2).replace("'", "")
-        return f"{name}: {value} is not a choice (use one of: {choices})"
-    problem = problem.replace("not allowed with argument ", "not allowed with ")
-    if not problem.endswith(")"):                # a type function's message may carry its own fix
-        problem += f" ({fix})"
-    return f"{name}: {problem}"
+        """Anything argparse still reports only as text: one line, exit 2 all the same."""
+        raise ArgumentProblem(None, message, self._fix())
 
 
 def _whole_number(text: str) -> int:
@@ -54,7 +138,47 @@ def _whole_number(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (pass e.g. --count 3)") from None
+        raise _BadValue(f"{text!r} is not a whole number", "pass e.g. --count 3") from None
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A ``type=`` for an argument that also has ``choices``: a wrong value names them all."""
+    def check(text: str) -> str:
+        if text not in choices:
+            raise _BadValue(f"{text!r} is not a choice", f"use one of: {', '.join(choices)}")
+        return text
+    return check
+
+
+class _NotWith(argparse.Action):
+    """Store the value unless one of ``others`` (option strings) was given first.
+
+    argparse's mutually exclusive groups say so only in English text; this says
+    it as data: the ArgumentError names this option and its cause carries the fix.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, others: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.others = tuple(others)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        for other in self.others:
+            if getattr(namespace, other.lstrip("-").replace("-", "_"), None) is not None:
+                raise argparse.ArgumentError(self, f"not allowed with {other}") from _BadValue(
+                    f"not allowed with {other}", f"pass {other} or {option_string}, not both")
+        setattr(namespace, self.dest, values)
+
+
+def _choice(*choices: str) -> dict[str, Any]:
+    """``add_argument`` keywords for a value from ``choices`` (listed in --help, named when wrong)."""
+    return {"choices": choices, "type": _one_of(*choices)}
+
+
+def _commands(parser: argparse.ArgumentParser, dest: str, metavar: str) -> argparse._SubParsersAction[_Parser]:
+    """``parser``'s subcommands (an unknown one is named by :meth:`_Parser._problem` from their list)."""
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar, parser_class=_Parser)
 
 
 def _emit(args: argparse.Namespace, payload: Any, human: Callable[[], None]) -> None:
@@ -81,13 +205,13 @@ def _region(args: argparse.Namespace) -> str:
     return "us-east-1"
 
 
-def _load_cfg(path: str) -> Any:
+def _load_cfg(path: str) -> PoolConfig:
     from controlplane.config import load_config, with_env_overrides
 
     return with_env_overrides(load_config(path))
 
 
-def _pool(args: argparse.Namespace) -> Any:
+def _pool(args: argparse.Namespace) -> Pool:
     """The pool named by --pool (stored config) or --config (file, which must be applied)."""
     from controlplane import store
 
@@ -102,19 +226,25 @@ def _pool(args: argparse.Namespace) -> Any:
     raise ConfigError("no pool given", hint="pass --pool NAME or --config FILE")
 
 
-def _github(cfg: Any, required: bool = True) -> Any:
-    """The GitHub client from the environment, its token proven with one read before any AWS change.
+def _github(cfg: PoolConfig) -> GitHubClient:
+    """The GitHub client from the environment, its token proven with one read before any AWS change."""
+    from controlplane.github import github_client_for
 
-    ``required=False``: no token means None (the command works without GitHub);
-    a token that is set but rejected is still bad input.
+    gh = github_client_for(cfg.github)
+    gh.check_access()
+    return gh
+
+
+def _github_if_set(cfg: PoolConfig) -> GitHubClient | None:
+    """As :func:`_github`, but no token means None (the command works without GitHub).
+
+    A token that is set but rejected is still bad input.
     """
     from controlplane.github import github_client_for
 
     try:
         gh = github_client_for(cfg.github)
     except ConfigError:
-        if required:
-            raise
         return None
     gh.check_access()
     return gh
@@ -158,7 +288,7 @@ def cmd_pool_destroy(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
 
     cfg = _load_cfg(args.config) if args.config else _pool(args).config
-    res = destroy_pool(cfg, _github(cfg, required=False), progress=Progress(not args.json))
+    res = destroy_pool(cfg, _github_if_set(cfg), progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(
         f"destroyed pool {res.pool}: {len(res.terminated)} instance(s) terminated, queues "
         f"{', '.join(res.queues_deleted) or 'none'} deleted, {res.runners_deleted} runner(s) removed, "
@@ -256,7 +386,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from controlplane.reconcile import reconcile
 
     p = _pool(args)
-    res = reconcile(p, dry_run=args.dry_run, github=_github(p.config, required=False),
+    res = reconcile(p, dry_run=args.dry_run, github=_github_if_set(p.config),
                     progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0
@@ -295,34 +425,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="runner-pool", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = _commands(ap, "command", "COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            parent: argparse._SubParsersAction[_Parser] = sub) -> _Parser:
+        p = parent.add_parser(name, help=help_, description=help_)
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         p.set_defaults(func=fn)
         return p
 
     def pool_args(p: argparse.ArgumentParser) -> None:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--pool", help="pool name (reads the config `pool apply` stored)")
-        g.add_argument("--config", help="pool config file (pool.yaml)")
+        p.add_argument("--pool", action=_NotWith, others=["--config"],
+                       help="pool name (reads the config `pool apply` stored); not with --config")
+        p.add_argument("--config", action=_NotWith, others=["--pool"], help="pool config file (pool.yaml)")
         p.add_argument("--region", help="AWS region of --pool (default: $AWS_REGION or us-east-1)")
 
-    cfg = sub.add_parser("config", help="check a pool configuration").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    cfg = _commands(sub.add_parser("config", help="check a pool configuration"), "sub", "SUBCOMMAND")
     p = add("check", cmd_config_check, "validate a pool.yaml; print every problem, exit 2 if any", cfg)
     p.add_argument("file")
 
-    pool = sub.add_parser("pool", help="apply or destroy a pool without Pulumi").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    pool = _commands(sub.add_parser("pool", help="apply or destroy a pool without Pulumi"), "sub", "SUBCOMMAND")
     p = add("apply", cmd_pool_apply, "create or update the pool's table, queues, launch template and tokens", pool)
     p.add_argument("--config", required=True)
     p = add("destroy", cmd_pool_destroy, "terminate the pool's instances and remove all its resources", pool)
     pool_args(p)
 
-    local = sub.add_parser("local", help="the embedded default: local AWS, GitHub stand-in, simulated instances"
-                           ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    local = _commands(sub.add_parser("local", help="the embedded default: local AWS, GitHub stand-in, simulated instances"),
+                      "sub", "SUBCOMMAND")
     for name, fn, h in (("start", cmd_local_start, "start the local emulator in the background"),
                         ("stop", cmd_local_stop, "stop it and every simulated instance"),
                         ("env", cmd_local_env, "print the export lines that point a shell at it"),
@@ -339,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--resource-class", required=True)
     p.add_argument("--count", type=_whole_number, default=1)
-    p.add_argument("--usage-class", choices=["spot", "on-demand"], default=None)
+    p.add_argument("--usage-class", **_choice("spot", "on-demand"), default=None)
 
     p = add("release", cmd_release, "give a run's runners back to the pool")
     pool_args(p)
@@ -360,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_iam)
     p.add_argument("--config", required=True, help="pool config file (pool.yaml)")
     p.add_argument("--account", required=True, help="AWS account id the pool lives in")
-    p.add_argument("--partition", choices=["aws", "aws-cn", "aws-us-gov"], default="aws")
-    p.add_argument("--policy", choices=["control-plane", "pool-admin", "instance"], default=None,
+    p.add_argument("--partition", **_choice("aws", "aws-cn", "aws-us-gov"), default="aws")
+    p.add_argument("--policy", **_choice("control-plane", "pool-admin", "instance"), default=None,
                    help="print only this policy document (default: all three, by name)")
     p.add_argument("--instance-role", default=None,
                    help="role in the pool's instance profile (default: the one createInstanceRole makes)")
@@ -374,8 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from controlplane import logs
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logs.configure()
     try:
         return int(args.func(args))

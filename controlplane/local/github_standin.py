@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -402,7 +402,7 @@ class GitHubStandIn:
         reply = self._answer(http, route, dict(params), path)
         return self._response(reply)(environ, start_response)
 
-    def _answer(self, http: Request, route: _Route | None, params: dict[str, Any], path: str) -> _Reply:
+    def _answer(self, http: Request, route: _Route | None, params: Mapping[str, Any], path: str) -> _Reply:
         if route is None:
             return _Reply(404, {"message": "Not Found"})
         try:

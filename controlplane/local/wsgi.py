@@ -7,10 +7,9 @@ with a :class:`werkzeug.routing.Map`; this module only runs them. One
 held by an injected ``hang`` fault never blocks process exit), started in
 well under a millisecond since nothing is imported or compiled per start.
 
-werkzeug's server closes the connection after every response (it sends
-``Connection: close``), which is what the ``http.server`` servers these
-replaced did with HTTP/1.0; and its request log goes nowhere here: the
-stand-ins count requests themselves and the agent logs what it got.
+Replies are HTTP/1.0 and the connection closes after each, as with the
+``http.server`` servers these replaced; werkzeug's request log goes nowhere
+here: the stand-ins count requests themselves and the agent logs what it got.
 """
 from __future__ import annotations
 
@@ -29,7 +28,13 @@ STOP_JOIN_TIMEOUT_S = 5.0
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """werkzeug's request handler without its access log (it would add a stderr handler)."""
+    """werkzeug's request handler without its access log (it would add a stderr handler).
+
+    HTTP/1.0 as the ``http.server`` stand-ins spoke: every reply has a length and the
+    connection closes after it either way (werkzeug would otherwise say HTTP/1.1).
+    """
+
+    protocol_version = "HTTP/1.0"
 
     def log(self, type: str, message: str, *args: Any) -> None:
         """Quiet."""
@@ -37,7 +42,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 def _handler(server_version: str) -> type[WSGIRequestHandler]:
     """A handler class whose ``Server`` header is ``server_version`` (what the real service sends)."""
-    return type("Handler", (_QuietHandler,), {"server_version": server_version})
+    # protocol_version is repeated here: werkzeug overrides it unless the class itself sets it.
+    return type("Handler", (_QuietHandler,), {"server_version": server_version,
+                                              "protocol_version": _QuietHandler.protocol_version})
 
 
 class Served:

@@ -58,6 +58,32 @@ class _Tally:
     given_back: int = 0
 
 
+@dataclass(frozen=True)
+class Partition:
+    """What selection does with one batch of pool messages."""
+
+    keep: list[PoolMessage]                 # try to claim these, at most ``want``
+    drop: list[PoolMessage]                 # duplicate delivery, or a message in the wrong queue: delete
+    back: list[PoolMessage]                 # valid, but another usage class or more than needed: give back
+
+
+def partition(msgs: list[PoolMessage], resource_class: str, usage_class: str | None, want: int) -> Partition:
+    """Split a received batch, first come first kept; no I/O."""
+    candidates: list[PoolMessage] = []
+    drop: list[PoolMessage] = []
+    back: list[PoolMessage] = []
+    seen: set[str] = set()
+    for m in msgs:
+        if m.instance_id in seen or m.resource_class != resource_class:
+            drop.append(m)
+        elif usage_class is not None and m.usage_class != usage_class:
+            back.append(m)
+        else:
+            seen.add(m.instance_id)
+            candidates.append(m)
+    return Partition(candidates[:want], drop, back + candidates[want:])
+
+
 def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
            clock: Clock = SYSTEM_CLOCK, touched: Touched | None = None,
            registration: dict[str, str] | None = None) -> SelectionResult:
@@ -84,20 +110,8 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
         if not msgs:
             break
         res.received += len(msgs)
-        candidates: list[PoolMessage] = []
-        drop: list[PoolMessage] = []                # duplicate delivery, or a message in the wrong queue
-        back: list[PoolMessage] = []                # valid, but not for this run or not needed
-        seen: set[str] = set()
-        for m in msgs:
-            if m.instance_id in seen or m.resource_class != resource_class:
-                drop.append(m)
-            elif usage_class is not None and m.usage_class != usage_class:
-                back.append(m)
-            else:
-                seen.add(m.instance_id)
-                candidates.append(m)
-        keep = candidates[:want]
-        back.extend(candidates[want:])
+        split = partition(msgs, resource_class, usage_class, want)
+        keep, drop, back = split.keep, split.drop, split.back
         outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, touched, registration)), keep)
         won: list[Member] = []
         for _, member in outcomes:
@@ -114,7 +128,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             healthy, unhealthy = _check_health(pool, won, clock)
             claimed.extend(healthy)
             unhealthy_all.extend(unhealthy)
-        if not candidates and back:
+        if not keep and back:
             break                                   # everything visible is for someone else
     event("selection.done", run_id=run_id, resource_class=resource_class, wanted=count,
           claimed=[m.instance_id for m in claimed], unhealthy=[m.instance_id for m in unhealthy_all],

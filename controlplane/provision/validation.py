@@ -16,7 +16,7 @@ from controlplane import store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.errors import ValidationFailed, ValidationTimeout
 from controlplane.logs import QUIET, Progress, event
-from controlplane.records import Member
+from controlplane.records import AgentRecord, InstanceRecord, Member
 from controlplane.store import Pool
 
 POLL_INTERVAL_S = 0.2
@@ -55,6 +55,33 @@ class _Poll:
     polls: int = 0
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One member at one poll."""
+
+    failed: str | None = None                # why it can never be ready for this run
+    healthy: bool = False                    # its heartbeat is fresh
+    ready: bool = False                      # registered for this run, heartbeat fresh
+
+
+def judge(record: InstanceRecord | None, agent: AgentRecord | None, run_id: str, now: float,
+          heartbeat_stale_s: float, heartbeat_seen: bool) -> Verdict:
+    """A member's verdict from its two rows; no I/O. ``heartbeat_seen``: it had a fresh one before."""
+    if record is None:
+        return Verdict("its state row is gone")
+    if record.run_id != run_id:
+        return Verdict(f"its row now belongs to {record.run_id or 'no run'} ({record.state})")
+    if agent is None:
+        return Verdict()                     # still booting
+    if agent.failed_for(run_id):
+        return Verdict(f"agent signalled {agent.signal}" + (f": {agent.detail}" if agent.detail else ""))
+    fresh = agent.is_healthy(now, heartbeat_stale_s)
+    if not fresh and heartbeat_seen:
+        age = agent.heartbeat_age(now)
+        return Verdict(f"heartbeat stopped ({age:.0f} s old)" if age is not None else "no heartbeat")
+    return Verdict(healthy=fresh, ready=fresh and agent.registered_for(run_id))
+
+
 def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
              progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ValidationResult:
     if not members:
@@ -75,26 +102,13 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
         healthy: set[str] = set()
         for iid in ids:
             record, agent = rows[iid]
-            if record is None:
-                failed[iid] = "its state row is gone"
-                continue
-            if record.run_id != run_id:
-                failed[iid] = f"its row now belongs to {record.run_id or 'no run'} ({record.state})"
-                continue
-            if agent is None:
-                continue                              # still booting
-            if agent.failed_for(run_id):
-                failed[iid] = f"agent signalled {agent.signal}" + (f": {agent.detail}" if agent.detail else "")
-                continue
-            fresh = agent.is_healthy(now, cfg.heartbeat_stale_s)
-            if fresh:
+            verdict = judge(record, agent, run_id, now, cfg.heartbeat_stale_s, iid in seen_heartbeat)
+            if verdict.healthy:
                 healthy.add(iid)
                 seen_heartbeat.add(iid)
-            elif iid in seen_heartbeat:
-                age = agent.heartbeat_age(now)
-                failed[iid] = f"heartbeat stopped ({age:.0f} s old)" if age is not None else "no heartbeat"
-                continue
-            if fresh and agent.registered_for(run_id):
+            if verdict.failed is not None:
+                failed[iid] = verdict.failed
+            elif verdict.ready:
                 ready.append(iid)
         res.ready, res.failed, res.healthy = ready, failed, healthy
         progress.update(f"{len(ready)} of {len(ids)} ready ({deadline.elapsed_s:.1f} s)", key=f"{len(ready)}/{len(ids)}")

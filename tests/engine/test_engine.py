@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from dynamic_providers import (
 )
 from tests.conftest import Emu, pool_config_dict
 from tests.engine.harness import Dyn, ProviderCallError, ProviderHost, State, to_struct
+from tests.factories import run_id
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,9 +73,6 @@ def leave_nothing(cfg: PoolConfig) -> None:
 def with_(d: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**d, **changes}
 
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 # ---------------------------------------------------------------- StateTable

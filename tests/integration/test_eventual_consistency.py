@@ -7,7 +7,6 @@ reported -- never taken as "already gone" on the first answer.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from controlplane import store
@@ -17,6 +16,7 @@ from controlplane.reconcile import VISIBILITY_GRACE_S, reconcile
 from controlplane.records import InstanceRecord, State
 from controlplane.termination import terminate_ec2
 from tests.conftest import Emu
+from tests.factories import run_id
 from tests.integration.test_provision import ec2_states, states
 
 
@@ -55,7 +55,7 @@ def test_reconcile_leaves_a_fresh_row_alone_until_its_grace_has_passed(make_pool
 
 def test_a_not_found_on_terminate_is_retried_until_ec2_knows_the_instance(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(f"run-{uuid.uuid4().hex[:8]}", "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert a.ok, a.reason
     iid = a.instance_ids[0]
     emu.fault(op="TerminateInstances", code="InvalidInstanceID.NotFound", status=400, count=3, contains=iid,
@@ -79,7 +79,7 @@ def test_an_instance_ec2_never_knows_is_reported_not_found_after_the_retries(mak
 
 def test_reconcile_reports_an_orphan_it_could_not_terminate_as_failed(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(f"run-{uuid.uuid4().hex[:8]}", "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert a.ok, a.reason
     iid = a.instance_ids[0]
     store.delete_rows(pool, [pool.arn(iid)])                  # an orphan: reconcile terminates it

@@ -17,7 +17,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from controlplane.records import (
 )
 from controlplane.state import transition
 from controlplane.userdata import pre_runner_room, render_user_data, user_data_bytes, user_data_size
+from tests.factories import run_id
 
 PAT = "test-pat"
 SCOPE = "octo/instance-side"
@@ -140,9 +140,6 @@ def waited(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
     assert result, f"timed out after {timeout_s} s waiting for {what}"
     return result
 
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,12 @@ both indexes, and ``launched_at="x"`` and ``heartbeat_at="x"`` are not numbers.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from controlplane import aws
 from controlplane.provision import ProvisionRequest, provision
 from tests.conftest import Emu, run_cli
-
-
-def rid() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
+from tests.factories import run_id
 
 
 def plant_junk(pool: Any, instance_id: str, run_id: str) -> str:
@@ -42,7 +38,7 @@ def cli_json(*args: str) -> tuple[int, dict[str, Any], str]:
 
 def test_refresh_release_status_and_reconcile_skip_a_junk_agent_row_and_report_it(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 2))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 2))
     assert a.ok, a.reason
     victim = a.instance_ids[0]
     emu.kill_agent(victim)                    # so no heartbeat of its own overwrites the junk
@@ -69,13 +65,13 @@ def test_refresh_release_status_and_reconcile_skip_a_junk_agent_row_and_report_i
     assert reconciled["failed"] == []
 
     # And the pool still serves: a new run gets its runner.
-    b = provision(pool, ProvisionRequest(rid(), "small", 1))
+    b = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert b.ok, b.reason
 
 
 def test_the_human_output_warns_once_about_the_skipped_row(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert a.ok, a.reason
     emu.kill_agent(a.instance_ids[0])
     pk = plant_junk(pool, a.instance_ids[0], a.run_id)

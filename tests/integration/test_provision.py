@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -24,10 +23,7 @@ from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
 from tests.conftest import ROOT, Emu
-
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
+from tests.factories import provision_rolled_back_by_one_failed_registration, run_id
 
 
 def prov(pool: Any, n: int, cls: str = "small", usage: str | None = None, rid: str | None = None) -> ProvisionResult:
@@ -116,11 +112,7 @@ def test_partly_warm_pool_claims_what_it_has_and_creates_the_rest(make_pool: Any
 
 def test_one_instance_never_registers_rolls_back_the_whole_set(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    warm = prov(pool, 1)
-    assert warm.ok
-    release(pool, warm.run_id)
-    emu.behaviour(match={"pool": pool.name}, count=1, registration="fail")
-    res = prov(pool, 3)
+    warm, res = provision_rolled_back_by_one_failed_registration(pool, emu)
     assert not res.ok and "failed validation" in res.reason
     created = [i for i in res.cleanup.terminated]
     assert len(created) == 2

@@ -8,7 +8,6 @@ just-in-time runners and are never reused.
 """
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from controlplane import aws, store
@@ -16,10 +15,11 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import REGISTRATION_ATTRIBUTES
 from controlplane.release import release
 from tests.conftest import Emu
+from tests.factories import provision_rolled_back_by_one_failed_registration, run_id
 
 
 def prov(pool: Any, n: int, cls: str = "small") -> ProvisionResult:
-    return provision(pool, ProvisionRequest(f"run-{uuid.uuid4().hex[:10]}", cls, n))
+    return provision(pool, ProvisionRequest(run_id(), cls, n))
 
 
 def state_items(pool: Any, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -63,11 +63,7 @@ def test_after_commit_no_row_holds_a_credential_and_every_runner_stays_registere
 def test_after_rollback_no_row_holds_a_credential_and_no_runner_of_the_run_is_left(make_pool: Any,
                                                                                   emu: Emu) -> None:
     pool = make_pool()
-    warm = prov(pool, 1)
-    assert warm.ok
-    release(pool, warm.run_id)
-    emu.behaviour(match={"pool": pool.name}, count=1, registration="fail")
-    res = prov(pool, 3)
+    warm, res = provision_rolled_back_by_one_failed_registration(pool, emu)
     assert not res.ok
     touched = res.cleanup.terminated + res.cleanup.returned_to_pool
     assert len(touched) == 3 and warm.instance_ids[0] in res.cleanup.returned_to_pool

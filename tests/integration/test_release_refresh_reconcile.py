@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
 from typing import Any
 
 from controlplane import launch_template, store, token
@@ -17,21 +16,18 @@ from controlplane.records import InstanceRecord, State
 from controlplane.refresh import refresh
 from controlplane.release import release
 from tests.conftest import Emu
+from tests.factories import run_id
 from tests.integration.test_provision import ec2_states, online_runners, states
-
-
-def rid() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 def test_release_returns_every_runner_and_the_next_provision_claims_them(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 3))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 3))
     assert a.ok, a.reason
     r = release(pool, a.run_id)
     assert sorted(r.returned_to_pool) == sorted(a.instance_ids) and r.terminated == []
     assert pool_q.depth(pool.region, pool_q.queue_url(pool.config, "small"))["visible"] == 3
-    b = provision(pool, ProvisionRequest(rid(), "small", 3))
+    b = provision(pool, ProvisionRequest(run_id(), "small", 3))
     assert sorted(b.instance_ids) == sorted(a.instance_ids)
     rows = store.read_set(pool, b.instance_ids)
     assert all(rec.reuse_count == 1 for rec, _ in rows.values())
@@ -39,7 +35,7 @@ def test_release_returns_every_runner_and_the_next_provision_claims_them(make_po
 
 def test_release_twice_is_safe_and_says_so(make_pool: Any) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     first, second = release(pool, a.run_id), release(pool, a.run_id)
     assert first.returned_to_pool == a.instance_ids
     assert second.found == [] and "nothing to release" in second.summary()
@@ -48,7 +44,7 @@ def test_release_twice_is_safe_and_says_so(make_pool: Any) -> None:
 
 def test_release_when_the_agent_is_dead_terminates_the_instance(make_pool: Any, emu: Emu) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 2))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 2))
     assert a.ok
     dead = a.instance_ids[0]
     emu.kill_agent(dead)
@@ -61,9 +57,9 @@ def test_release_when_the_agent_is_dead_terminates_the_instance(make_pool: Any, 
 
 def test_release_retires_an_instance_at_its_reuse_cap(make_pool: Any, emu: Emu) -> None:
     pool = make_pool(max_reuse=1)
-    a = provision(pool, ProvisionRequest(rid(), "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     release(pool, a.run_id)
-    b = provision(pool, ProvisionRequest(rid(), "small", 1))
+    b = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert b.instance_ids == a.instance_ids
     r = release(pool, b.run_id)
     assert r.terminated == b.instance_ids and r.returned_to_pool == []
@@ -73,7 +69,7 @@ def test_release_retires_an_instance_at_its_reuse_cap(make_pool: Any, emu: Emu) 
 def test_refresh_with_a_changed_ami_makes_one_new_template_version_and_leaves_running_instances(
         make_pool: Any, local: dict[str, Any]) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 1))
     assert a.ok
     before = launch_template.current(pool.config)
     assert before is not None
@@ -102,7 +98,7 @@ def test_refresh_rotates_tokens_near_expiry_only(make_pool: Any, emu: Emu) -> No
 
 def test_a_class_removed_from_config_has_its_queue_drained_and_idle_instances_terminated(make_pool: Any) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "large", 1))
+    a = provision(pool, ProvisionRequest(run_id(), "large", 1))
     assert a.ok, a.reason
     release(pool, a.run_id)
     only_small = pool.config.model_copy(update={"resource_classes": {"small": pool.config.resource_classes["small"]}})
@@ -114,7 +110,7 @@ def test_a_class_removed_from_config_has_its_queue_drained_and_idle_instances_te
 
 def test_expired_instances_of_each_state_are_terminated(make_pool: Any) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 4))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 4))
     assert a.ok
     ids = a.instance_ids
     past = time.time() - 10
@@ -140,7 +136,7 @@ def _force(pool: Any, iid: str, state: State, run: str | None, threshold: float)
 
 def test_reconcile_finds_and_fixes_each_kind_of_drift(make_pool: Any, emu: Emu, local: dict[str, Any]) -> None:
     pool = make_pool()
-    a = provision(pool, ProvisionRequest(rid(), "small", 2))
+    a = provision(pool, ProvisionRequest(run_id(), "small", 2))
     assert a.ok
     keep, lose_row = a.instance_ids
     # 1. an instance with no row (and old enough): a wedged instance (its agent killed, its runner still

@@ -40,6 +40,7 @@ from controlplane.reconcile import ORPHAN_GRACE_S, reconcile
 from controlplane.records import Signal, State
 from controlplane.release import ReleaseResult, release
 from tests.conftest import RELIABLE, ROOT, Emu, run_cli, wait_for
+from tests.factories import run_id
 from tests.reliability.invariants import check, online
 
 T = TypeVar("T")
@@ -50,9 +51,6 @@ CONTROL_PLANE_KEY = "AKIDRELIABILITYCP001"
 
 
 # ---------------------------------------------------------------- helpers
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 def prov(pool: Any, n: int, rid: str | None = None) -> ProvisionResult:

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,13 @@ import pytest
 from controlplane import aws, store
 from controlplane.records import State
 from tests.conftest import ROOT, Emu, pool_config_dict, run_cli, wait_for
+from tests.factories import run_id
 from tests.reliability.invariants import check, online
 from tests.rootfs.conftest import inside, rootfs_pool, sim_status
 
 pytestmark = pytest.mark.usefixtures("rootfs_root")
 BOOT_S = 240.0                         # first boots install python3 and boto3: generous on a busy 2-core machine
 
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
@@ -140,16 +137,21 @@ def test_a_stopped_rootfs_instance_keeps_its_layer_and_its_agent_comes_back_when
     check(pool, emu)
 
 
+def launch_from_the_template(pool: Any) -> str:
+    """One instance from the pool's launch template, outside any provision (RunInstances, as a user could)."""
+    resp = aws.client("ec2", pool.region).run_instances(
+        LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name}, MinCount=1, MaxCount=1,
+        SubnetId=pool.config.subnets[0], TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool", "Value": pool.config.name}]}])
+    return str(resp["Instances"][0]["InstanceId"])
+
+
 def test_the_agents_power_off_terminates_a_rootfs_instance_like_ec2s_shutdown_behaviour(
         make_pool: Any, emu: Emu) -> None:
     pool = rootfs_pool(make_pool, emu)
     emu.behaviour(match={"pool": pool.config.name}, kind="rootfs", env={"RP_NO_ROW_TIMEOUT_S": "5"})
     ec2 = aws.client("ec2", pool.region)
-    resp = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name},
-                             MinCount=1, MaxCount=1, SubnetId=pool.config.subnets[0], TagSpecifications=[
-                                 {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
-                                                                        "Value": pool.config.name}]}])
-    iid = resp["Instances"][0]["InstanceId"]
+    iid = launch_from_the_template(pool)
     wait_for(lambda: settled(emu, iid, "shutdown"), f"{iid} to power off", BOOT_S)
 
     def state() -> str:
@@ -229,11 +231,7 @@ def test_a_killed_agent_leaves_a_rootfs_instance_running_and_silent_like_a_wedge
         make_pool: Any, emu: Emu) -> None:
     pool = rootfs_pool(make_pool, emu)
     ec2 = aws.client("ec2", pool.region)
-    resp = ec2.run_instances(LaunchTemplate={"LaunchTemplateName": pool.config.launch_template_name},
-                             MinCount=1, MaxCount=1, SubnetId=pool.config.subnets[0], TagSpecifications=[
-                                 {"ResourceType": "instance", "Tags": [{"Key": "runner-pool:pool",
-                                                                        "Value": pool.config.name}]}])
-    iid = resp["Instances"][0]["InstanceId"]
+    iid = launch_from_the_template(pool)
 
     def heartbeat() -> float:
         agent = store.read_set(pool, [iid])[iid][1]

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 from typing import Any
 
 import pytest
 
 from controlplane import token
 from tests.conftest import Emu, run_cli
+from tests.factories import run_id
 from tests.reliability.invariants import check
 from tests.rootfs.conftest import init_pid, inside, rootfs_pool
 
@@ -88,9 +88,6 @@ while time.time() < end and not seen:
 print(json.dumps(seen))
 """
 
-
-def run_id() -> str:
-    return f"run-{uuid.uuid4().hex[:10]}"
 
 
 def provision_one(pool: Any, rid: str) -> str:
