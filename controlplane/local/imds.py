@@ -17,7 +17,10 @@ document``, ``latest/meta-data/`` {``instance-id``, ``instance-type``,
 ``ami-id``, ``placement/availability-zone``, ``placement/region``,
 ``services/partition``, ``services/domain``, ``tags/instance``,
 ``tags/instance/<key>``, ``iam/security-credentials/<role>``}, and
-``latest/user-data``.
+``latest/user-data``; once :meth:`ImdsStandIn.notify` injected one, the spot
+interruption notice (``meta-data/spot/instance-action``) and the rebalance
+recommendation (``meta-data/events/recommendations/rebalance``), 404 before,
+as on EC2.
 
 Rootfs instances (``controlplane/local/rootfs.py``) reach it as EC2's do, at
 ``http://169.254.169.254/latest/...`` with no prefix: :meth:`ImdsStandIn.serve_on`
@@ -39,6 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 TOKEN_TTL_MAX_S = 21600
+SPOT_NOTICE_PATHS = {"instance-action": "/latest/meta-data/spot/instance-action",
+                     "rebalance": "/latest/meta-data/events/recommendations/rebalance"}
+SPOT_ACTIONS = ("terminate", "stop", "hibernate")
+SPOT_NOTICE_LEAD_S = 120          # EC2 gives two minutes' notice before it interrupts
 STOP_JOIN_TIMEOUT_S = 5.0
 
 
@@ -124,6 +131,7 @@ class ImdsStandIn:
         self._thread: threading.Thread | None = None
         self._extra: list[tuple[_Server, threading.Thread]] = []
         self._addresses: dict[str, str] = {}              # source address -> instance id
+        self._notices: dict[str, dict[str, bytes]] = {}   # instance id -> path -> body (spot notices)
         self.port = 0
 
     def start(self) -> ImdsStandIn:
@@ -184,8 +192,23 @@ class ImdsStandIn:
             if address:
                 self._addresses[address] = instance_id
 
+    def notify(self, instance_id: str, kind: str, action: str = "terminate") -> dict[str, Any]:
+        """Serve a spot notice to ``instance_id`` from now on: ``instance-action`` (``{"action", "time"}``,
+        the time two minutes ahead) or ``rebalance`` (``{"noticeTime"}``). ValueError for a bad kind."""
+        if kind not in SPOT_NOTICE_PATHS:
+            raise ValueError(f"kind must be one of {sorted(SPOT_NOTICE_PATHS)}, not {kind!r}")
+        if action not in SPOT_ACTIONS:
+            raise ValueError(f"action must be one of {SPOT_ACTIONS}, not {action!r}")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + SPOT_NOTICE_LEAD_S))
+        body: dict[str, Any] = ({"action": action, "time": stamp} if kind == "instance-action"
+                                else {"noticeTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        with self._lock:
+            self._notices.setdefault(instance_id, {})[SPOT_NOTICE_PATHS[kind]] = json.dumps(body).encode()
+        return {"instance_id": instance_id, "path": SPOT_NOTICE_PATHS[kind], "body": body}
+
     def unregister(self, instance_id: str) -> None:
         with self._lock:
+            self._notices.pop(instance_id, None)
             self._instances.pop(instance_id, None)
             self._tokens = {t: v for t, v in self._tokens.items() if v[0] != instance_id}
             self._addresses = {a: i for a, i in self._addresses.items() if i != instance_id}
@@ -229,10 +252,13 @@ class ImdsStandIn:
         with self._lock:
             inst = self._instances.get(instance_id)
             grant = self._tokens.get(headers.get("X-aws-ec2-metadata-token") or "")
+            notice = self._notices.get(instance_id, {}).get(path.rstrip("/"))
         if inst is None:
             return 404, b"Not Found", "text/plain"
         if grant is None or grant[0] != instance_id or grant[1] <= time.monotonic():
             return 401, b"Unauthorized", "text/plain"
+        if notice is not None:
+            return 200, notice, "application/json"
         value = self._value(inst, path.rstrip("/") if path != "/latest/meta-data/" else path)
         if value is None:
             return 404, b"Not Found", "text/plain"

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store
+from controlplane import aws, interruptions, metrics, stopped_tier, store
 from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import USAGE_CLASSES
@@ -71,7 +71,9 @@ class ProvisionResult:
     capacity_errors: dict[str, int] = field(default_factory=dict)
     cleanup: finalize.Cleanup = field(default_factory=finalize.Cleanup)
     from_pool: int = 0
+    from_stopped: int = 0                 # stopped runners started for this run (the stopped tier)
     created: int = 0
+    breaker_open: bool = False            # spot interruptions breaker: this run's creations went on-demand
 
     @property
     def instance_ids(self) -> list[str]:
@@ -79,7 +81,7 @@ class ProvisionResult:
 
     @property
     def pool_hit_rate(self) -> float:
-        total = self.from_pool + self.created
+        total = self.from_pool + self.from_stopped + self.created
         return round(self.from_pool / total, 3) if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +94,8 @@ class ProvisionResult:
             "timings": self.timings, "reason": self.reason or None,
             "cleanup": {"terminated": self.cleanup.terminated, "returned_to_pool": self.cleanup.returned_to_pool,
                         "failed": self.cleanup.failed},
-            "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "created": self.created,
+            "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "from_stopped": self.from_stopped,
+            "created": self.created, "breaker_open": self.breaker_open,
             "api_calls": self.api_calls, "api_calls_by_op": self.api_calls_by_op,
             "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
             "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
@@ -101,7 +104,9 @@ class ProvisionResult:
     def summary(self) -> str:
         if self.ok:
             lines = [f"provisioned {len(self.instances)} runner(s) for run {self.run_id} "
-                     f"(label {self.label}): {self.from_pool} from the pool, {self.created} created, "
+                     f"(label {self.label}): {self.from_pool} from the pool, "
+                     + (f"{self.from_stopped} started from stopped, " if self.from_stopped else "")
+                     + f"{self.created} created, "
                      f"{self.timings.get('total', 0):.1f} s"]
             lines += [f"  {m.instance_id}  {m.source:<7}  {m.instance_type:<12}  {m.subnet_id}" for m in self.instances]
             lines.append(f'runs-on: "{self.label}"')
@@ -167,9 +172,27 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
                                    claimed_sink=touched, registration=registration)
             claimed, unhealthy = sel.claimed, sel.unhealthy
+        started_members: list[Member] = []
+        if not ephemeral and req.count > len(claimed) and stopped_tier.has_tier(pool.config, req.resource_class):
+            started_members = stopped_tier.claim_and_start(
+                pool, req.run_id, req.resource_class, req.count - len(claimed), req.usage_class, clock,
+                claimed_sink=touched, registration=registration)
+            progress.phase(f"      {len(started_members)} stopped runner(s) started")
         t = lap("selection", t)
+        pooled = len(claimed)
+        claimed = claimed + started_members
         missing = req.count - len(claimed)
-        progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
+        progress.phase(f"      {pooled} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
+        if usage == "spot" and missing > 0:
+            breaker = interruptions.breaker(pool, req.resource_class, clock.now())
+            if breaker.open:
+                usage = res.usage_class = "on-demand"
+                res.breaker_open = True
+                progress.phase(f"      spot breaker open for class {req.resource_class} ({breaker.count} "
+                               f"interruptions in {pool.config.spot_breaker.window_s} s): creating on-demand "
+                               f"until {breaker.until:.0f}")
+                event("provision.breaker_open", run_id=req.run_id, resource_class=req.resource_class,
+                      interruptions=breaker.count, until=breaker.until)
         progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
         cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched,
                              registration=registration)
@@ -178,7 +201,7 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             jit_runners.update(_deliver_jit_configs(pool, gh, req.run_id, created))
         res.fleet_calls, res.capacity_errors = cr.fleet_calls, cr.errors_by_code
         t = lap("creation", t)
-        res.from_pool, res.created = len(claimed), len(created)
+        res.from_pool, res.from_stopped, res.created = pooled, len(started_members), len(created)
         members = claimed + created
         if cr.shortfall:
             codes = ", ".join(f"{k} x{v}" for k, v in sorted(cr.errors_by_code.items())) or "no error given"
@@ -193,6 +216,9 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
         val = validation.validate(pool, req.run_id, members, timeout, progress, clock)
         res.validated_at = val.decided_at
         t = lap("validation", t)
+        if val.interrupted:
+            interruptions.record(pool, {m.instance_id: m.resource_class for m in members
+                                        if m.instance_id in val.interrupted}, clock.now())
         if not val.ok:
             res.reason = _validation_reason(val, len(members), timeout)
             progress.phase(f"      {res.reason}")

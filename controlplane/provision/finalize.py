@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from controlplane import aws, store
+from controlplane import aws, interruptions, store
 from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.errors import RunnerPoolError
@@ -69,9 +69,10 @@ def commit(pool: Pool, run_id: str, members: list[Member], clock: Clock = SYSTEM
     threshold = now + pool.config.max_runtime_s
 
     def one(m: Member) -> str | None:
-        from_ = State.CLAIMED if m.source == "pool" else State.CREATED
+        reused = m.source in ("pool", "stopped")        # both were claimed: an idle row or a stopped one
+        from_ = State.CLAIMED if reused else State.CREATED
         t = transition(pool.table, pool.region, m.arn, from_=from_, to=State.RUNNING, run_id=run_id,
-                       threshold=threshold, now=now, count_reuse=m.source == "pool")
+                       threshold=threshold, now=now, count_reuse=reused)
         return None if t.won else m.instance_id
 
     lost = [i for i in aws.parallel(one, members) if i]
@@ -195,7 +196,9 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
         now = clock.now()
         for iid in ids:
             record, agent = rows[iid]
-            if agent is not None and agent.deregistered_from(run_id):
+            if agent is not None and agent.interrupted:
+                dead.add(iid)                       # a spot notice: EC2 takes it, it must not be reused
+            elif agent is not None and agent.deregistered_from(run_id):
                 confirmed.add(iid)
             elif record is None or agent is None or not agent.is_healthy(now, cfg.heartbeat_stale_s):
                 dead.add(iid)
@@ -206,6 +209,8 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
     if ids:
         wait_until(poll, deadline, DRAIN_POLL_S)
         remove_runners(pool, github, agents)          # every drained runner, confirmed or not
+        interruptions.record(pool, {m.instance_id: m.resource_class for m in draining
+                                    if (agents.get(m.instance_id) or AgentRecord(m.arn)).interrupted}, clock.now())
     back: list[Member] = []
     to_kill: list[tuple[str, State, str | None]] = []
     now = clock.now()
@@ -235,8 +240,8 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
 def rollback(pool: Pool, run_id: str, healthy_claimed: list[Member], doomed: list[Member],
              progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
              github: GitHubClient | None = None) -> Cleanup:
-    out = terminate(pool, [(m.instance_id, State.CLAIMED if m.source == "pool" else State.CREATED, run_id)
-                           for m in doomed], clock, github)
+    out = terminate(pool, [(m.instance_id, State.CLAIMED if m.source in ("pool", "stopped") else State.CREATED,
+                            run_id) for m in doomed], clock, github)
     out.merge(return_to_pool(pool, run_id, healthy_claimed, State.CLAIMED, progress, clock, github=github))
     event("rollback.done", run_id=run_id, terminated=out.terminated, returned=out.returned_to_pool,
           failed=out.failed)

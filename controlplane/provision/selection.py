@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane import aws, pool as pool_q, store
+from controlplane import aws, interruptions, pool as pool_q, store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.logs import event
 from controlplane.pool import PoolMessage
-from controlplane.records import Member, Signal, State
+from controlplane.records import AgentRecord, Member, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
 
@@ -132,10 +132,13 @@ def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list
     for m in members:
         _, agent = rows.get(m.instance_id, (None, None))
         ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (
-            Signal.SHUTDOWN, Signal.PRERUNNER_FAILED)
+            Signal.SHUTDOWN, Signal.PRERUNNER_FAILED, Signal.INTERRUPTED)
         (healthy if ok else unhealthy).append(m)
         if not ok:
             age = agent.heartbeat_age(now) if agent else None
             event("claim.unhealthy", instance_id=m.instance_id,
                   heartbeat_age_s=round(age, 1) if age is not None else None)
+    hit = {m.instance_id: m.resource_class for m in unhealthy
+           if (rows.get(m.instance_id, (None, None))[1] or AgentRecord(m.arn)).interrupted}
+    interruptions.record(pool, hit, now)
     return healthy, unhealthy

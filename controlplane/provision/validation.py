@@ -29,6 +29,7 @@ class ValidationResult:
     polls: int = 0
     healthy: set[str] = field(default_factory=set)            # fresh heartbeat at the last poll
     decided_at: float | None = None                           # wall clock of the poll that decided (epoch)
+    interrupted: list[str] = field(default_factory=list)      # members whose agent got a spot notice
 
     @property
     def ok(self) -> bool:
@@ -44,6 +45,9 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
     ids = [m.instance_id for m in members]
     # Claimed members were healthy when claimed: a stale heartbeat later means it stopped.
     seen_heartbeat: set[str] = {m.instance_id for m in members if m.source == "pool"}
+    # Started from the stopped tier: like a claimed one, but booting. What its agent row says from
+    # before the start is the last boot's word, not this one's.
+    started = {m.instance_id: m.started_at for m in members if m.started_at is not None}
     deadline = Deadline(timeout_s, clock)
 
     def poll() -> bool:
@@ -61,6 +65,11 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
                 continue
             if agent is None:
                 continue                              # still booting
+            since = started.get(iid)
+            if since is not None and max(agent.heartbeat_at or 0, agent.signal_at or 0) < since:
+                continue                              # started, its new boot has not written yet
+            if agent.interrupted and iid not in res.interrupted:
+                res.interrupted.append(iid)
             if agent.failed_for(run_id):
                 failed[iid] = f"agent signalled {agent.signal}" + (f": {agent.detail}" if agent.detail else "")
                 continue
