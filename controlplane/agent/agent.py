@@ -556,6 +556,8 @@ class Agent:
             ok, detail = self.register_once(run_id, row)
             if ok:
                 self.run_id = run_id
+                if self.notice:                         # a spot notice came meanwhile: never announce it ready
+                    return ""                           # (the next step interrupts it)
                 self.signal("registered", run_id, f"{detail} after {time.monotonic() - started:.1f} s, "
                                                   f"attempt {attempt}")
                 return ""
