@@ -115,7 +115,7 @@ def ensure_images(cfg: PoolConfig) -> dict[str, TemplateState]:
     """One launch template per distinct image of the pool (a class may name its own AMI, e.g. an arm64
     one): the pool's ``ami`` keeps ``runner-pool-P``, another image gets ``runner-pool-P-<ami>``.
     Templates of images no class uses any more are deleted (in-flight fleets have their instances)."""
-    check_architectures(cfg)
+    check_architectures(cfg)              # apply and refresh check first too, before any change
     states = {image: ensure_one(cfg, image) for image in cfg.images()}
     wanted = {cfg.launch_template_name_of(i) for i in states}
     for name in _image_templates(cfg):

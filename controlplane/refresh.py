@@ -93,6 +93,7 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     started = time.monotonic()
     github = github or github_client_for(cfg.github)
     launch_template.render(cfg)                          # bad input fails here, before any change
+    launch_template.check_architectures(cfg)
     account, partition = aws.account_and_partition(cfg.region)
     pool = Pool(cfg, account, partition)
     res = RefreshResult(cfg.name)
