@@ -171,13 +171,11 @@ def sweep_interrupted(pool: Pool, clock: Clock = SYSTEM_CLOCK, github: GitHubCli
     hit = [iid for iid, a in store.all_agents(pool).items() if a.interrupted]
     if not hit:
         return []
-    rows = store.read_set(pool, hit)
-    doomed = [(iid, r.state, r.run_id) for iid, (r, _) in rows.items() if r and r.state in INTERRUPTIBLE_STATES]
-    if not doomed:
+    live = [r for r, _ in store.read_set(pool, hit).values() if r is not None and r.state in INTERRUPTIBLE_STATES]
+    if not live:
         return []
-    interruptions.record(pool, {iid: rows[iid][0].resource_class for iid, _, _ in doomed   # type: ignore[union-attr]
-                                }, clock.now())
-    out = finalize.terminate(pool, doomed, clock, github)
+    interruptions.record(pool, {r.instance_id: r.resource_class for r in live}, clock.now())
+    out = finalize.terminate(pool, [(r.instance_id, r.state, r.run_id) for r in live], clock, github)
     event("refresh.interrupted", pool=pool.name, terminated=out.terminated)
     return out.terminated
 

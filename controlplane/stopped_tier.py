@@ -36,6 +36,7 @@ start (``Member.started_at``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from botocore.exceptions import ClientError
 
 from controlplane import aws, store

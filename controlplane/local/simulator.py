@@ -15,6 +15,14 @@ tagged ``runner-pool:pool`` it plays the machine:
   template's shutdown behaviour is ``terminate``, so the instance is
   terminated in moto. A non-zero exit or a SIGKILL leaves the instance running
   with no agent: a wedged instance, which the control plane must find.
+* **stop and start** (the stopped tier): EC2's ``stop`` is an OS shutdown
+  (SIGTERM, SIGKILL after ``TERMINATE_GRACE_S``) that keeps the home, the
+  instance's "EBS root"; ``start`` boots it again running what the first
+  boot installed in ``<home>/cloud/scripts/per-boot/``
+  (``RUNNER_POOL_CLOUD_DIR``), as cloud-init runs its per-boot scripts, not
+  the user data.
+* **spot notices**: :meth:`Simulator.spot_notice` has the IMDS stand-in
+  serve an interruption notice or a rebalance recommendation to one instance.
 * **termination by anyone** (control plane, test, refresh): the agent's
   processes get SIGTERM, as an OS shutdown would send, and SIGKILL after
   ``TERMINATE_GRACE_S``. That includes ``run.sh`` and ``config.sh``, which run

@@ -11,6 +11,7 @@ from typing import Any
 
 from controlplane import aws, interruptions, store
 from controlplane.provision import ProvisionResult
+from controlplane.reconcile import reconcile
 from controlplane.refresh import refresh
 from controlplane.release import release
 from tests.conftest import Emu, run_cli, wait_for
@@ -88,6 +89,11 @@ def test_a_spot_notice_during_validation_fails_the_set_and_opens_the_breaker_so_
     assert noticed[0] in res.cleanup.terminated and len(res.cleanup.terminated) == 2, res.cleanup
     assert set(states(pool, res.cleanup.terminated).values()) == {"terminated"}, "all or nothing: the set is gone"
     assert interruptions.breaker(pool, "small", time.time()).open
+    # The other member's config.sh may still register its runner as the rollback terminates it; once
+    # its processes are gone, reconcile removes what is left on GitHub (the invariants' premise).
+    wait_for(lambda: all(emu.machines()[i]["phase"] == "terminated" for i in res.cleanup.terminated),
+             "the rolled-back instances to power off")
+    reconcile(pool)
 
     emu.clear_faults()
     fleets_before = emu.count("ec2.CreateFleet")
