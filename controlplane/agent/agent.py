@@ -384,6 +384,7 @@ class Agent:
         self.acked: str | None = None                # last run we signalled ``deregistered`` for
         self.booted = self.row_seen = time.monotonic()
         self.sigterm = False                            # the OS is shutting down (an EC2 stop or terminate)
+        self.spot = False                               # the row says spot: only then watch IMDS for notices
         self.notice: str | None = None                  # a spot notice seen in IMDS (heartbeat thread)
         self.interrupted = False                        # ... acted on: runner stopped, no more jobs
         self.imds = Imds(cfg.imds)
@@ -428,7 +429,7 @@ class Agent:
                                  "expires_at": now + ROW_TTL_S})
             except AWS_ERRORS as exc:
                 self.log("heartbeat_failed", exc)
-            if self.notice is None:
+            if self.spot and self.notice is None:       # EC2 sends these to spot instances only
                 notice = self.imds.spot_notice()
                 if notice:
                     self.notice = notice
@@ -497,6 +498,7 @@ class Agent:
                 return f"no state row for {missing:.0f} s"
         else:
             self.row_seen = time.monotonic()
+            self.spot = row.get("usage_class") == "spot"
             state, threshold = row.get("state"), row.get("threshold")
             if state == "terminated":
                 return "state row is terminated"
