@@ -81,11 +81,18 @@ class Range(_Model):
         return self
 
 
+AcceleratorType = Literal["gpu", "fpga", "inference"]
+
+
+def _default_accelerators() -> list[AcceleratorType]:
+    return ["gpu"]
+
+
 class Accelerators(_Model):
     """Accelerator requirements (GPU/FPGA/inference), passed to InstanceRequirements."""
 
     count: Range = Field(description="number of accelerators")
-    types: list[Literal["gpu", "fpga", "inference"]] = Field(default_factory=lambda: ["gpu"])
+    types: list[AcceleratorType] = Field(default_factory=_default_accelerators)
     manufacturers: list[Literal["nvidia", "amd", "amazon-web-services", "xilinx"]] = Field(default_factory=list)
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.logs import event
 from controlplane.records import num
@@ -62,12 +60,12 @@ def record(pool: Pool, classes: Mapping[str, str], now: float) -> None:
     def one(item: tuple[str, str]) -> None:
         iid, cls = item
         try:
-            ddb.put_item(TableName=pool.table, Item={
-                "pk": {"S": PREFIX + cls}, "sk": {"S": iid}, "at": num(now), "expires_at": num(now + keep_s)},
-                ConditionExpression="attribute_not_exists(pk)")
-        except ClientError as exc:
-            if not aws.is_conditional_failure(exc):
-                raise aws.wrap(exc, "dynamodb:PutItem interruption") from exc
+            with aws.mapped("dynamodb:PutItem interruption"):
+                ddb.put_item(TableName=pool.table, Item={
+                    "pk": {"S": PREFIX + cls}, "sk": {"S": iid}, "at": num(now), "expires_at": num(now + keep_s)},
+                    ConditionExpression="attribute_not_exists(pk)")
+        except aws.ConditionFailed:
+            pass                                    # counted already
 
     aws.parallel(one, sorted(classes.items()))
     event("interruptions.recorded", pool=pool.name, instance_ids=sorted(classes),
@@ -81,11 +79,9 @@ def times(pool: Pool, resource_class: str, since: float) -> list[float]:
     kwargs = {"TableName": pool.table, "KeyConditionExpression": "pk = :p", "FilterExpression": "#a >= :s",
               "ExpressionAttributeNames": {"#a": "at"},
               "ExpressionAttributeValues": {":p": {"S": PREFIX + resource_class}, ":s": num(since)}}
-    try:
+    with aws.mapped("dynamodb:Query interruptions"):
         for page in ddb.get_paginator("query").paginate(**kwargs):
             out += [float(i["at"]["N"]) for i in page["Items"] if "N" in i.get("at", {})]
-    except ClientError as exc:
-        raise aws.wrap(exc, "dynamodb:Query interruptions") from exc
     return out
 
 

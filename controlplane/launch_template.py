@@ -20,8 +20,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.config import USER_DATA_LIMIT_BYTES, PoolConfig
 from controlplane.errors import ConfigError
@@ -98,11 +96,11 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
 def _describe(cfg: PoolConfig, name: str | None = None) -> dict[str, Any] | None:
     ec2 = aws.client("ec2", cfg.region)
     try:
-        lts = ec2.describe_launch_templates(LaunchTemplateNames=[name or cfg.launch_template_name])["LaunchTemplates"]
-    except ClientError as exc:
-        if aws.error_code(exc) in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"):
-            return None
-        raise aws.wrap(exc, "ec2:DescribeLaunchTemplates") from exc
+        with aws.mapped("ec2:DescribeLaunchTemplates"):
+            lts = ec2.describe_launch_templates(LaunchTemplateNames=[name or cfg.launch_template_name])[
+                "LaunchTemplates"]
+    except aws.NotFound:
+        return None
     return lts[0] if lts else None
 
 
@@ -132,11 +130,10 @@ def check_architectures(cfg: PoolConfig) -> None:
         return
     ec2 = aws.client("ec2", cfg.region)
     try:
-        images = ec2.describe_images(ImageIds=sorted({rc.ami for rc in own.values() if rc.ami}))["Images"]
-    except ClientError as exc:
-        if aws.error_code(exc).startswith("InvalidAMIID"):
-            return
-        raise aws.wrap(exc, "ec2:DescribeImages") from exc
+        with aws.mapped("ec2:DescribeImages"):
+            images = ec2.describe_images(ImageIds=sorted({rc.ami for rc in own.values() if rc.ami}))["Images"]
+    except aws.NotFound:
+        return
     arch = {i["ImageId"]: i.get("Architecture", "") for i in images}
     for name, rc in sorted(own.items()):
         found = arch.get(rc.ami or "")
@@ -149,13 +146,11 @@ def _image_templates(cfg: PoolConfig) -> list[str]:
     """Names of the pool's per-image templates in EC2 (found by the pool's tag and name prefix)."""
     ec2 = aws.client("ec2", cfg.region)
     prefix = f"{cfg.launch_template_name}-ami-"
-    try:
+    with aws.mapped("ec2:DescribeLaunchTemplates"):
         pages = ec2.get_paginator("describe_launch_templates").paginate(
             Filters=[{"Name": "tag:runner-pool:pool", "Values": [cfg.name]}])
-        return [t["LaunchTemplateName"] for page in pages for t in page["LaunchTemplates"]
-                if t["LaunchTemplateName"].startswith(prefix)]
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:DescribeLaunchTemplates") from exc
+        return [str(t["LaunchTemplateName"]) for page in pages for t in page["LaunchTemplates"]
+                if str(t["LaunchTemplateName"]).startswith(prefix)]
 
 
 def ensure_one(cfg: PoolConfig, image: str) -> TemplateState:
@@ -166,14 +161,12 @@ def ensure_one(cfg: PoolConfig, image: str) -> TemplateState:
     digest = data_hash(_comparable(data))
     lt = _describe(cfg, name)
     if lt is None:
-        try:
+        with aws.mapped("ec2:CreateLaunchTemplate"):
             resp = ec2.create_launch_template(
                 LaunchTemplateName=name, LaunchTemplateData=data,
                 VersionDescription=f"runner-pool {digest}",
                 TagSpecifications=[{"ResourceType": "launch-template",
                                     "Tags": [{"Key": "runner-pool:pool", "Value": cfg.name}]}])
-        except ClientError as exc:
-            raise aws.wrap(exc, "ec2:CreateLaunchTemplate") from exc
         t = resp["LaunchTemplate"]
         return TemplateState(t["LaunchTemplateId"], name, 1, 1, digest, True)
     current = ec2.describe_launch_template_versions(
@@ -181,14 +174,12 @@ def ensure_one(cfg: PoolConfig, image: str) -> TemplateState:
     if data_hash(_comparable(current["LaunchTemplateData"])) == digest:
         return TemplateState(lt["LaunchTemplateId"], name, int(lt["DefaultVersionNumber"]),
                              int(lt["LatestVersionNumber"]), digest, False)
-    try:
+    with aws.mapped("ec2:CreateLaunchTemplateVersion"):
         # Always the full data: CreateLaunchTemplateVersion without SourceVersion inherits nothing.
         v = ec2.create_launch_template_version(
             LaunchTemplateId=lt["LaunchTemplateId"], LaunchTemplateData=data,
             VersionDescription=f"runner-pool {digest}")["LaunchTemplateVersion"]["VersionNumber"]
         ec2.modify_launch_template(LaunchTemplateId=lt["LaunchTemplateId"], DefaultVersion=str(v))
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:CreateLaunchTemplateVersion") from exc
     pruned = prune(cfg, lt["LaunchTemplateId"], int(v))
     return TemplateState(lt["LaunchTemplateId"], name, int(v), int(v), digest, True, pruned)
 
@@ -196,7 +187,7 @@ def ensure_one(cfg: PoolConfig, image: str) -> TemplateState:
 def prune(cfg: PoolConfig, template_id: str, default_version: int) -> tuple[int, ...]:
     """Delete versions older than the newest ``KEEP_VERSIONS`` (never the default)."""
     ec2 = aws.client("ec2", cfg.region)
-    versions = []
+    versions: list[int] = []
     for page in ec2.get_paginator("describe_launch_template_versions").paginate(LaunchTemplateId=template_id):
         versions.extend(int(v["VersionNumber"]) for v in page["LaunchTemplateVersions"])
     keep = set(sorted(versions)[-KEEP_VERSIONS:]) | {default_version}
@@ -225,10 +216,4 @@ def _delete_named(cfg: PoolConfig, name: str) -> bool:
     if _describe(cfg, name) is None:        # moto answers a missing name with MissingParameter, not NotFound
         return False
     ec2 = aws.client("ec2", cfg.region)
-    try:
-        ec2.delete_launch_template(LaunchTemplateName=name)
-        return True
-    except ClientError as exc:
-        if aws.error_code(exc) in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"):
-            return False
-        raise aws.wrap(exc, "ec2:DeleteLaunchTemplate") from exc
+    return aws.found("ec2:DeleteLaunchTemplate", lambda: ec2.delete_launch_template(LaunchTemplateName=name))

@@ -36,16 +36,19 @@ start (``Member.started_at``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from botocore.exceptions import ClientError
-
-from controlplane import aws, store
+from controlplane import aws, store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.config import PoolConfig
 from controlplane.logs import event
 from controlplane.records import InstanceRecord, Member, State
 from controlplane.state import transition
 from controlplane.store import Pool
+from controlplane.termination import Doomed
+
+if TYPE_CHECKING:
+    from controlplane.provision.attempt import Touched
 
 START_RETRY_S = 90.0           # an instance EC2 still reports ``stopping`` cannot be started yet
 START_BACKOFF_S = (1.0, 8.0)
@@ -69,10 +72,8 @@ def _root_devices(region: str, ids: list[str]) -> dict[str, str]:
     ec2 = aws.client("ec2", region)
     out: dict[str, str] = {}
     for chunk in aws.chunks(ids, 200):
-        try:
+        with aws.mapped("ec2:DescribeInstances"):
             resp = ec2.describe_instances(InstanceIds=chunk)
-        except ClientError as exc:
-            raise aws.wrap(exc, "ec2:DescribeInstances") from exc
         for r in resp["Reservations"]:
             for i in r["Instances"]:
                 out[i["InstanceId"]] = str(i.get("RootDeviceType") or "ebs")
@@ -110,16 +111,16 @@ def park_expired(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> ParkResult:
 
     def mark(r: InstanceRecord) -> bool:
         rc = cfg.resource_class(r.resource_class)
-        t = transition(pool.table, pool.region, r.arn, from_=State.IDLE, to=State.STOPPED, run_id=None,
-                       threshold=now + float(rc.stopped_time_s or 0), now=now, when="expired")
+        t = transition(pool, r.instance_id, from_=State.IDLE, to=State.STOPPED, expect_run=None, now=now,
+                       when="expired", threshold=now + float(rc.stopped_time_s or 0))
         return t.won
 
-    marked = [r.instance_id for r, won in zip(parkable, aws.parallel(mark, parkable)) if won]
+    marked = [r.instance_id for r, won in zip(parkable, aws.parallel(mark, parkable), strict=True) if won]
     if marked:
         failed = _stop(pool.region, marked)
         res.stopped = [i for i in marked if i not in failed]
         if failed:
-            res.terminated = _terminate(pool, list(failed), State.STOPPED, None, clock)
+            res.terminated = _terminate(pool, sorted(failed), State.STOPPED, None, clock)
     event("stopped_tier.parked", pool=pool.name, stopped=res.stopped, not_stoppable=res.left_to_terminate,
           terminated=res.terminated)
     return res
@@ -131,26 +132,26 @@ def _stop(region: str, ids: list[str]) -> dict[str, str]:
     failed: dict[str, str] = {}
     for chunk in aws.chunks(sorted(ids), 500):
         try:
-            ec2.stop_instances(InstanceIds=chunk)
+            with aws.mapped("ec2:StopInstances"):
+                ec2.stop_instances(InstanceIds=chunk)
             continue
-        except ClientError as exc:
-            event("stopped_tier.stop_batch_failed", instance_ids=chunk, error=aws.error_code(exc))
+        except aws.AwsError as exc:
+            event("stopped_tier.stop_batch_failed", instance_ids=chunk, error=exc.code)
         for iid in chunk:                          # one refused id fails the whole call: find which
             try:
-                ec2.stop_instances(InstanceIds=[iid])
-            except ClientError as exc:
-                failed[iid] = aws.error_code(exc)
+                with aws.mapped("ec2:StopInstances"):
+                    ec2.stop_instances(InstanceIds=[iid])
+            except aws.AwsError as exc:
+                failed[iid] = exc.code
     return failed
 
 
 def _terminate(pool: Pool, ids: list[str], state: State, run_id: str | None, clock: Clock) -> list[str]:
-    from controlplane.provision import finalize
-
-    return finalize.terminate(pool, [(i, state, run_id) for i in ids], clock).terminated
+    return termination.retire(pool, [Doomed(i, state, run_id) for i in ids], clock).terminated
 
 
 def claim_and_start(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
-                    clock: Clock = SYSTEM_CLOCK, claimed_sink: list[str] | None = None,
+                    clock: Clock = SYSTEM_CLOCK, touched: Touched | None = None,
                     registration: dict[str, str] | None = None) -> list[Member]:
     """Claim up to ``count`` stopped runners of the class for ``run_id`` and start them (one call)."""
     cfg = pool.config
@@ -166,12 +167,11 @@ def claim_and_start(pool: Pool, run_id: str, resource_class: str, count: int, us
         batch, rows = rows[:count - len(won)], rows[count - len(won):]
 
         def claim(r: InstanceRecord) -> InstanceRecord | None:
-            t = transition(pool.table, pool.region, r.arn, from_=State.STOPPED, to=State.CLAIMED, run_id=None,
-                           new_run_id=run_id, threshold=now + cfg.claim_timeout_s, now=now,
-                           registration=registration)
+            t = transition(pool, r.instance_id, from_=State.STOPPED, to=State.CLAIMED, expect_run=None,
+                           set_run=run_id, now=now, registration=registration)
             if t.won and t.record is not None:
-                if claimed_sink is not None:
-                    claimed_sink.append(t.record.instance_id)
+                if touched is not None:
+                    touched.add([t.record.instance_id])
                 return t.record
             event("claim.lost", run_id=run_id, instance_id=r.instance_id, reason=t.reason, tier="stopped")
             return None
@@ -195,10 +195,11 @@ def start(region: str, ids: list[str], clock: Clock = SYSTEM_CLOCK) -> dict[str,
     startable once ``stopped``) until ``START_RETRY_S``. Returns the ids that could not be started."""
     ec2 = aws.client("ec2", region)
     try:
-        ec2.start_instances(InstanceIds=sorted(ids))
+        with aws.mapped("ec2:StartInstances"):
+            ec2.start_instances(InstanceIds=sorted(ids))
         return {}
-    except ClientError as exc:
-        event("stopped_tier.start_batch_failed", instance_ids=ids, error=aws.error_code(exc))
+    except aws.AwsError as exc:
+        event("stopped_tier.start_batch_failed", instance_ids=ids, error=exc.code)
     pending = sorted(ids)
     failed: dict[str, str] = {}
     deadline = Deadline(START_RETRY_S, clock)
@@ -207,9 +208,10 @@ def start(region: str, ids: list[str], clock: Clock = SYSTEM_CLOCK) -> dict[str,
         retry = []
         for iid in pending:
             try:
-                ec2.start_instances(InstanceIds=[iid])
-            except ClientError as exc:
-                code = aws.error_code(exc)
+                with aws.mapped("ec2:StartInstances"):
+                    ec2.start_instances(InstanceIds=[iid])
+            except aws.AwsError as exc:
+                code = exc.code
                 if code in NOT_YET_STARTABLE and not deadline.expired:
                     retry.append(iid)
                 else:

@@ -804,7 +804,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return agent.main()
-    except Exception as exc:                            # a bug must not leave an instance without an agent
+    except Exception as exc:  # noqa: BLE001 - a bug must not leave an instance without an agent
         log("crash", f"{type(exc).__name__}: {exc}")
         return agent.shutdown(f"agent crashed: {type(exc).__name__}")
 
