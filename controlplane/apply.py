@@ -44,6 +44,7 @@ def apply_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Pr
     github = github or github_client_for(cfg.github)  # fails before any AWS change
     launch_template.render(cfg)                                                     # user data size check, too
     check_network(cfg)                                                              # reads only
+    launch_template.check_architectures(cfg)                                        # reads only
     account, partition = aws.account_and_partition(cfg.region)
     p = Pool(cfg, account, partition)
     progress.phase(f"pool {cfg.name}: table {cfg.table_name}")

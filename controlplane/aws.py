@@ -186,6 +186,7 @@ NOT_FOUND_CODES = frozenset({
     "ResourceNotFoundException", "ParameterNotFound", "InvalidInstanceID.NotFound",
     "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
     "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
+    "InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
 })
 ALREADY_EXISTS_CODES = frozenset({"ResourceInUseException", "QueueAlreadyExists", "QueueNameExists"})
 CONDITION_FAILED_CODES = frozenset({"ConditionalCheckFailedException", "TransactionCanceledException"})

@@ -44,6 +44,11 @@ CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
 REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
+AMI_RE = r"^ami-[0-9a-f]{8,17}$"
+Architecture = Literal["x86_64", "arm64"]
+# Graviton families have a 'g' right after the generation digit (c7g, m7gd, t4g, im4gn) or are a1.
+GRAVITON_FAMILY_RE = re.compile(r"(^a1$)|([0-9*]g)")
+ARM64_INSTANCE_TYPES = ["c*g*.*", "m*g*.*", "r*g*.*"]
 # A run id is also the runner label jobs target with `runs-on:`.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -104,6 +109,32 @@ class ResourceClass(_Model):
     accelerators: Accelerators | None = Field(default=None, description="optional accelerator requirements")
     ephemeral: bool | None = Field(
         default=None, description="one job per instance, never reused (just-in-time runners); unset: the pool's")
+    # -- the stopped tier and the class's own image (issue 17 part B) --
+    stopped_time_s: int | None = Field(
+        default=None, ge=60, le=30 * 86400,
+        description="stop an idle runner past idle_time_s instead of terminating it, and terminate it after "
+                    "this long stopped (it costs only its volume meanwhile); unset: no stopped tier")
+    ami: str | None = Field(default=None, pattern=AMI_RE,
+                            description="this class's own AMI (its own launch template); unset: the pool's ami")
+    architecture: Architecture = Field(
+        default="x86_64", description="the AMI's architecture; arm64 admits only Graviton types (c7g, m7g, ...)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arm64_default_types(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("architecture") == "arm64" \
+                and "instance_types" not in data and "instanceTypes" not in data:
+            return {**data, "instance_types": list(ARM64_INSTANCE_TYPES)}
+        return data
+
+    @model_validator(mode="after")
+    def _types_fit_architecture(self) -> ResourceClass:
+        if self.architecture == "arm64":
+            bad = [p for p in self.instance_types if not GRAVITON_FAMILY_RE.search(p.split(".", 1)[0])]
+            if bad:
+                raise ValueError(f"instance_types {bad} are not Graviton families, which an arm64 class needs "
+                                 f"(e.g. {ARM64_INSTANCE_TYPES})")
+        return self
 
     @field_validator("vcpu")
     @classmethod
@@ -174,6 +205,16 @@ class GitHubConfig(_Model):
         return self.repository or self.organization or ""
 
 
+class SpotBreaker(_Model):
+    """After ``interruptions`` spot interruptions in a class within ``window_s``, that class creates
+    on-demand for ``cooldown_s`` (a circuit breaker)."""
+
+    interruptions: int = Field(default=3, ge=1, le=1000, description="interruptions that open the breaker")
+    window_s: int = Field(default=3600, ge=60, le=7 * 86400, description="window they are counted in")
+    cooldown_s: int = Field(default=1800, ge=60, le=7 * 86400,
+                            description="how long new creations in the class go on-demand")
+
+
 class PoolConfig(_Model):
     """A pool: its table, one queue per resource class, a launch template, a token."""
 
@@ -182,7 +223,7 @@ class PoolConfig(_Model):
     github: GitHubConfig = Field(description="GitHub repository or organization")
     resource_classes: dict[str, ResourceClass] = Field(description="resource classes by name (one queue each)")
     subnets: list[str] = Field(description="subnet ids; CreateFleet gets one override per subnet")
-    ami: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$", description="AMI id like ami-0abc12345 (Amazon Linux 2023 or Ubuntu 22.04+)")
+    ami: str = Field(pattern=AMI_RE, description="AMI id like ami-0abc12345 (Amazon Linux 2023 or Ubuntu 22.04+)")
     security_groups: list[str] = Field(default_factory=list, description="security group ids")
     instance_profile: str = Field(pattern=r"^[\w+=,.@-]{1,128}$", description="IAM instance profile name")
     usage_class: UsageClass = Field(default="on-demand", description="default usage class of created instances")
@@ -211,6 +252,8 @@ class PoolConfig(_Model):
                                                         "sudo, and with it the instance's identity")
     metrics_cloudwatch: bool = Field(default=False, description="publish provision/release metrics to CloudWatch")
     metrics_namespace: str = Field(default="RunnerPool", description="CloudWatch namespace")
+    spot_breaker: SpotBreaker = Field(default_factory=SpotBreaker,
+                                      description="spot interruptions circuit breaker, per class")
 
     @field_validator("resource_classes")
     @classmethod
@@ -272,6 +315,22 @@ class PoolConfig(_Model):
     @property
     def launch_template_name(self) -> str:
         return f"runner-pool-{self.name}"
+
+    def image_of(self, resource_class: str) -> str:
+        """The AMI a class launches from: its own, else the pool's."""
+        return self.resource_class(resource_class).ami or self.ami
+
+    def launch_template_for(self, resource_class: str) -> str:
+        """One launch template per distinct image: the pool's AMI keeps ``runner-pool-P``."""
+        return self.launch_template_name_of(self.image_of(resource_class))
+
+    def launch_template_name_of(self, image: str) -> str:
+        return self.launch_template_name if image == self.ami else f"{self.launch_template_name}-{image}"
+
+    def images(self) -> list[str]:
+        """Every distinct image of the pool, the pool's own first."""
+        own = [rc.ami for rc in self.resource_classes.values() if rc.ami and rc.ami != self.ami]
+        return [self.ami, *sorted(set(own))]
 
     @property
     def token_parameter(self) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from controlplane.config import Accelerators, GitHubConfig, PoolConfig, Range, ResourceClass
+from controlplane.config import Accelerators, GitHubConfig, PoolConfig, Range, ResourceClass, SpotBreaker
 
 
 def _type(ann: Any) -> str:
@@ -42,7 +42,8 @@ def render() -> str:
            "## github", "", *table(GitHubConfig, "github."), "",
            "## resource_classes.NAME", "", *table(ResourceClass), "",
            "## Ranges (`vcpu`, `memory_mib`, `accelerators.count`)", "", *table(Range), "",
-           "## accelerators", "", *table(Accelerators), ""]
+           "## accelerators", "", *table(Accelerators), "",
+           "## spot_breaker", "", *table(SpotBreaker, "spot_breaker."), ""]
     return "\n".join(out)
 
 

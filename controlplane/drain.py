@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from controlplane import interruptions, store, termination
 from controlplane import pool as pool_q
-from controlplane import store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.logs import QUIET, Progress, event
 from controlplane.pool import PoolMessage
@@ -79,7 +79,9 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
         now = clock.now()
         for iid in ids:
             record, agent = rows[iid]
-            if agent is not None and agent.deregistered_from(run_id):
+            if agent is not None and agent.interrupted:
+                dead.add(iid)                       # a spot notice: EC2 takes it, it must not be reused
+            elif agent is not None and agent.deregistered_from(run_id):
                 confirmed.add(iid)
             elif record is None or agent is None or not agent.is_healthy(now, cfg.heartbeat_stale_s):
                 dead.add(iid)
@@ -90,6 +92,8 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
     if ids:
         wait_until(poll, deadline, DRAIN_POLL_S)
         remove_runners(pool, github, agents)          # every drained runner, confirmed or not
+        interruptions.record(pool, {m.instance_id: m.resource_class for m in draining
+                                    if (agents.get(m.instance_id) or AgentRecord(m.arn)).interrupted}, clock.now())
     back: list[Member] = []
     to_kill: list[Doomed] = []
     now = clock.now()

@@ -43,8 +43,9 @@ def instance_tags(cfg: PoolConfig) -> dict[str, str]:
             "runner-pool:managed": "true"}
 
 
-def render(cfg: PoolConfig) -> dict[str, Any]:
-    """LaunchTemplateData for the pool (ConfigError if the user data is over 16 KB)."""
+def render(cfg: PoolConfig, image: str | None = None) -> dict[str, Any]:
+    """LaunchTemplateData for the pool's instances of ``image`` (default: the pool's ``ami``);
+    ConfigError if the user data is over 16 KB."""
     from controlplane.userdata import pre_runner_room, user_data_bytes
 
     user_data = user_data_bytes(cfg)
@@ -59,7 +60,7 @@ def render(cfg: PoolConfig) -> dict[str, Any]:
             + " or move it into the AMI")
     tags = [{"Key": k, "Value": v} for k, v in sorted(instance_tags(cfg).items())]
     data: dict[str, Any] = {
-        "ImageId": cfg.ami,
+        "ImageId": image or cfg.ami,
         "IamInstanceProfile": {"Name": cfg.instance_profile},
         "UserData": base64.b64encode(user_data).decode(),
         "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled",
@@ -92,35 +93,86 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(cfg: PoolConfig) -> dict[str, Any] | None:
+def _describe(cfg: PoolConfig, name: str | None = None) -> dict[str, Any] | None:
     ec2 = aws.client("ec2", cfg.region)
     try:
         with aws.mapped("ec2:DescribeLaunchTemplates"):
-            lts = ec2.describe_launch_templates(LaunchTemplateNames=[cfg.launch_template_name])["LaunchTemplates"]
+            lts = ec2.describe_launch_templates(LaunchTemplateNames=[name or cfg.launch_template_name])[
+                "LaunchTemplates"]
     except aws.NotFound:
         return None
     return lts[0] if lts else None
 
 
 def ensure(cfg: PoolConfig) -> TemplateState:
-    """Create the template, or add a version when the rendered data changed."""
-    data = render(cfg)
+    """Converge one launch template per distinct image (see :func:`ensure_images`); the pool's own."""
+    return ensure_images(cfg)[cfg.ami]
+
+
+def ensure_images(cfg: PoolConfig) -> dict[str, TemplateState]:
+    """One launch template per distinct image of the pool (a class may name its own AMI, e.g. an arm64
+    one): the pool's ``ami`` keeps ``runner-pool-P``, another image gets ``runner-pool-P-<ami>``.
+    Templates of images no class uses any more are deleted (in-flight fleets have their instances)."""
+    check_architectures(cfg)              # apply and refresh check first too, before any change
+    states = {image: ensure_one(cfg, image) for image in cfg.images()}
+    wanted = {cfg.launch_template_name_of(i) for i in states}
+    for name in _image_templates(cfg):
+        if name not in wanted:
+            _delete_named(cfg, name)
+    return states
+
+
+def check_architectures(cfg: PoolConfig) -> None:
+    """A class's own AMI must be of the class's ``architecture`` (one DescribeImages for them all);
+    an image EC2 does not list is left to the launch to refuse."""
+    own = {name: rc for name, rc in cfg.resource_classes.items() if rc.ami}
+    if not own:
+        return
+    ec2 = aws.client("ec2", cfg.region)
+    try:
+        with aws.mapped("ec2:DescribeImages"):
+            images = ec2.describe_images(ImageIds=sorted({rc.ami for rc in own.values() if rc.ami}))["Images"]
+    except aws.NotFound:
+        return
+    arch = {i["ImageId"]: i.get("Architecture", "") for i in images}
+    for name, rc in sorted(own.items()):
+        found = arch.get(rc.ami or "")
+        if found and found != rc.architecture:
+            raise ConfigError(f"resource_classes.{name}.architecture: {rc.architecture}, but its ami {rc.ami} "
+                              f"is {found}", hint=f"set architecture: {found} or name an {rc.architecture} AMI")
+
+
+def _image_templates(cfg: PoolConfig) -> list[str]:
+    """Names of the pool's per-image templates in EC2 (found by the pool's tag and name prefix)."""
+    ec2 = aws.client("ec2", cfg.region)
+    prefix = f"{cfg.launch_template_name}-ami-"
+    with aws.mapped("ec2:DescribeLaunchTemplates"):
+        pages = ec2.get_paginator("describe_launch_templates").paginate(
+            Filters=[{"Name": "tag:runner-pool:pool", "Values": [cfg.name]}])
+        return [str(t["LaunchTemplateName"]) for page in pages for t in page["LaunchTemplates"]
+                if str(t["LaunchTemplateName"]).startswith(prefix)]
+
+
+def ensure_one(cfg: PoolConfig, image: str) -> TemplateState:
+    """Create the template of ``image``, or add a version when the rendered data changed."""
+    name = cfg.launch_template_name_of(image)
+    data = render(cfg, image)
     ec2 = aws.client("ec2", cfg.region)
     digest = data_hash(_comparable(data))
-    lt = _describe(cfg)
+    lt = _describe(cfg, name)
     if lt is None:
         with aws.mapped("ec2:CreateLaunchTemplate"):
             resp = ec2.create_launch_template(
-                LaunchTemplateName=cfg.launch_template_name, LaunchTemplateData=data,
+                LaunchTemplateName=name, LaunchTemplateData=data,
                 VersionDescription=f"runner-pool {digest}",
                 TagSpecifications=[{"ResourceType": "launch-template",
                                     "Tags": [{"Key": "runner-pool:pool", "Value": cfg.name}]}])
         t = resp["LaunchTemplate"]
-        return TemplateState(t["LaunchTemplateId"], cfg.launch_template_name, 1, 1, digest, True)
+        return TemplateState(t["LaunchTemplateId"], name, 1, 1, digest, True)
     current = ec2.describe_launch_template_versions(
         LaunchTemplateId=lt["LaunchTemplateId"], Versions=["$Default"])["LaunchTemplateVersions"][0]
     if data_hash(_comparable(current["LaunchTemplateData"])) == digest:
-        return TemplateState(lt["LaunchTemplateId"], cfg.launch_template_name, int(lt["DefaultVersionNumber"]),
+        return TemplateState(lt["LaunchTemplateId"], name, int(lt["DefaultVersionNumber"]),
                              int(lt["LatestVersionNumber"]), digest, False)
     with aws.mapped("ec2:CreateLaunchTemplateVersion"):
         # Always the full data: CreateLaunchTemplateVersion without SourceVersion inherits nothing.
@@ -129,7 +181,7 @@ def ensure(cfg: PoolConfig) -> TemplateState:
             VersionDescription=f"runner-pool {digest}")["LaunchTemplateVersion"]["VersionNumber"]
         ec2.modify_launch_template(LaunchTemplateId=lt["LaunchTemplateId"], DefaultVersion=str(v))
     pruned = prune(cfg, lt["LaunchTemplateId"], int(v))
-    return TemplateState(lt["LaunchTemplateId"], cfg.launch_template_name, int(v), int(v), digest, True, pruned)
+    return TemplateState(lt["LaunchTemplateId"], name, int(v), int(v), digest, True, pruned)
 
 
 def prune(cfg: PoolConfig, template_id: str, default_version: int) -> tuple[int, ...]:
@@ -154,8 +206,14 @@ def current(cfg: PoolConfig) -> TemplateState | None:
 
 
 def delete(cfg: PoolConfig) -> bool:
-    if _describe(cfg) is None:              # moto answers a missing name with MissingParameter, not NotFound
+    """Delete the pool's template and every per-image one; whether the pool's own existed."""
+    for name in _image_templates(cfg):
+        _delete_named(cfg, name)
+    return _delete_named(cfg, cfg.launch_template_name)
+
+
+def _delete_named(cfg: PoolConfig, name: str) -> bool:
+    if _describe(cfg, name) is None:        # moto answers a missing name with MissingParameter, not NotFound
         return False
     ec2 = aws.client("ec2", cfg.region)
-    return aws.found("ec2:DeleteLaunchTemplate",
-                     lambda: ec2.delete_launch_template(LaunchTemplateName=cfg.launch_template_name))
+    return aws.found("ec2:DeleteLaunchTemplate", lambda: ec2.delete_launch_template(LaunchTemplateName=name))

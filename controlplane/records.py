@@ -41,13 +41,14 @@ class State(str, enum.Enum):
     CLAIMED = "claimed"
     RUNNING = "running"
     DRAINING = "draining"
+    STOPPED = "stopped"
     TERMINATED = "terminated"
 
     def __str__(self) -> str:
         return self.value
 
 
-LIVE_STATES = (State.CREATED, State.IDLE, State.CLAIMED, State.RUNNING, State.DRAINING)
+LIVE_STATES = (State.CREATED, State.IDLE, State.CLAIMED, State.RUNNING, State.DRAINING, State.STOPPED)
 
 
 class Signal(str, enum.Enum):
@@ -60,12 +61,14 @@ class Signal(str, enum.Enum):
     REGISTRATION_FAILED = "registration_failed"
     PRERUNNER_FAILED = "prerunner_failed"
     SHUTDOWN = "shutdown"
+    INTERRUPTED = "interrupted"       # a spot interruption notice or rebalance recommendation: runner stopped
 
     def __str__(self) -> str:
         return self.value
 
 
-FAILURE_SIGNALS = frozenset({Signal.REGISTRATION_FAILED, Signal.PRERUNNER_FAILED, Signal.SHUTDOWN})
+FAILURE_SIGNALS = frozenset({Signal.REGISTRATION_FAILED, Signal.PRERUNNER_FAILED, Signal.SHUTDOWN,
+                             Signal.INTERRUPTED})
 
 # State-row attributes that carry what one agent needs to register one runner: the pool's
 # registration token (reused mode) or a just-in-time runner config (ephemeral mode). The control
@@ -274,8 +277,13 @@ class AgentRecord:
     def deregistered_from(self, run_id: str) -> bool:
         return self.signal in (Signal.DEREGISTERED, Signal.WAITING) and self.signal_run == run_id
 
+    @property
+    def interrupted(self) -> bool:
+        """EC2 announced it will reclaim this (spot) instance: it takes no more jobs."""
+        return self.signal == Signal.INTERRUPTED
+
     def failed_for(self, run_id: str) -> bool:
-        if self.signal == Signal.PRERUNNER_FAILED or self.signal == Signal.SHUTDOWN:
+        if self.signal in (Signal.PRERUNNER_FAILED, Signal.SHUTDOWN, Signal.INTERRUPTED):
             return True
         return self.signal == Signal.REGISTRATION_FAILED and self.signal_run == run_id
 
@@ -308,9 +316,10 @@ class Member:
 
     instance_id: str
     arn: str
-    source: str                       # "pool" or "created"
+    source: str                       # "pool" (idle runner), "stopped" (started for this run) or "created"
     instance_type: str
     subnet_id: str
     usage_class: str
     resource_class: str
     receipt: str | None = field(default=None, compare=False)
+    started_at: float | None = None   # "stopped": when StartInstances was asked; older agent rows are its last boot

@@ -11,11 +11,14 @@ In order, each step idempotent:
    that reached a DLQ are put back when their instance is still idle;
 4. **tokens**: fetched from GitHub when less than ``token_refresh_margin_s``
    of their hour is left, stored in SSM SecureString;
-5. **expiry**, two-phase: rows past their threshold (idle, claimed, created,
-   draining, running past max runtime) and idle instances past their
+5. **expiry**, two-phase: idle runners past their threshold in a class with
+   a stopped tier are stopped instead (:mod:`controlplane.stopped_tier`);
+   rows past their threshold (idle, claimed, created, draining, stopped,
+   running past max runtime) and idle or stopped instances past their
    lifetime are marked ``terminated`` (conditional on still being expired),
    then their instances terminated, then their agent rows removed (the state
-   row expires through TTL);
+   row expires through TTL); instances whose agent signalled a spot
+   interruption are terminated and counted for the class's breaker;
 6. **reconcile** (see :mod:`controlplane.reconcile`).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, launch_template, store, termination, token
+from controlplane import aws, interruptions, launch_template, stopped_tier, store, termination, token
 from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import PoolConfig
@@ -35,7 +38,9 @@ from controlplane.records import State
 from controlplane.store import Pool
 from controlplane.termination import Doomed
 
-EXPIRING_STATES = (State.IDLE, State.CLAIMED, State.CREATED, State.DRAINING, State.RUNNING)
+EXPIRING_STATES = (State.IDLE, State.CLAIMED, State.CREATED, State.DRAINING, State.RUNNING, State.STOPPED)
+# Rows whose agent signalled a spot interruption are terminated from these states by the sweep.
+INTERRUPTIBLE_STATES = (State.IDLE, State.RUNNING, State.CLAIMED, State.CREATED, State.DRAINING)
 
 
 @dataclass
@@ -51,6 +56,8 @@ class RefreshResult:
     tokens_expire_at: float = 0.0
     expired: dict[str, list[str]] = field(default_factory=dict)
     terminated: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)         # idle runners parked in the stopped tier
+    interrupted: list[str] = field(default_factory=list)     # terminated after a spot interruption notice
     reconcile: ReconcileResult | None = None
     failed: list[str] = field(default_factory=list)
     duration_s: float = 0.0
@@ -71,7 +78,9 @@ class RefreshResult:
         exp = sum(len(v) for v in self.expired.values())
         lines = [f"refreshed pool {self.pool} in {self.duration_s:.1f} s: {lt}, queues {', '.join(self.queues)}"
                  + (f" (removed {', '.join(self.classes_removed)})" if self.classes_removed else "")
-                 + f", tokens {'rotated' if self.tokens_rotated else 'fresh'}, {exp} expired instance(s) terminated"]
+                 + f", tokens {'rotated' if self.tokens_rotated else 'fresh'}, {exp} expired instance(s) terminated"
+                 + (f", {len(self.stopped)} idle runner(s) stopped" if self.stopped else "")
+                 + (f", {len(self.interrupted)} interrupted instance(s) terminated" if self.interrupted else "")]
         if self.reconcile is not None:
             lines.append(self.reconcile.summary())
         if self.failed:
@@ -84,6 +93,7 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     started = time.monotonic()
     github = github or github_client_for(cfg.github)
     launch_template.render(cfg)                          # bad input fails here, before any change
+    launch_template.check_architectures(cfg)
     account, partition = aws.account_and_partition(cfg.region)
     pool = Pool(cfg, account, partition)
     res = RefreshResult(cfg.name)
@@ -111,8 +121,13 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     res.tokens_expire_at = tokens.expires_at
 
     progress.phase("[4/5] expired instances")
+    parked = stopped_tier.park_expired(pool, clock)
+    res.stopped = parked.stopped
+    res.terminated += parked.terminated
     res.expired = expire(pool, clock)
     res.terminated += [i for ids in res.expired.values() for i in ids]
+    res.interrupted = sweep_interrupted(pool, clock, github)
+    res.terminated += res.interrupted
 
     if run_reconcile:
         progress.phase("[5/5] reconcile")
@@ -136,10 +151,11 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
             seen.add((r.instance_id, state))
             out.setdefault(state.value, []).append(r.instance_id)
     lifetime_cut = now - pool.config.max_lifetime_s
-    for r in store.records_in_state(pool, State.IDLE, launched_before=lifetime_cut):
-        if r.launched_at <= lifetime_cut and (r.instance_id, State.IDLE) not in seen:
-            doomed.append(Doomed(r.instance_id, State.IDLE, None, "any"))
-            out.setdefault("lifetime", []).append(r.instance_id)
+    for parked in (State.IDLE, State.STOPPED):
+        for r in store.records_in_state(pool, parked, launched_before=lifetime_cut):
+            if r.launched_at <= lifetime_cut and (r.instance_id, parked) not in seen:
+                doomed.append(Doomed(r.instance_id, parked, None, "any"))
+                out.setdefault("lifetime", []).append(r.instance_id)
     if not doomed:
         return out
     marked = _marked(pool, doomed, now)        # phase 1: mark, only if still expired (a claim may have won)
@@ -147,6 +163,21 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
     event("refresh.expired", pool=pool.name, marked=marked, terminated=done.terminated)
     won = set(marked)
     return {k: [i for i in v if i in won] for k, v in out.items()}
+
+
+def sweep_interrupted(pool: Pool, clock: Clock = SYSTEM_CLOCK, github: GitHubClient | None = None) -> list[str]:
+    """Terminate instances whose agent signalled a spot interruption (their runner removed from GitHub
+    first), and count them for the class's breaker. One Scan of the agent rows."""
+    hit = [iid for iid, a in store.all_agents(pool).items() if a.interrupted]
+    if not hit:
+        return []
+    live = [r for r, _ in store.read_set(pool, hit).values() if r is not None and r.state in INTERRUPTIBLE_STATES]
+    if not live:
+        return []
+    interruptions.record(pool, {r.instance_id: r.resource_class for r in live}, clock.now())
+    out = termination.retire(pool, [Doomed(r.instance_id, r.state, r.run_id) for r in live], clock, github)
+    event("refresh.interrupted", pool=pool.name, terminated=out.terminated)
+    return out.terminated
 
 
 def _marked(pool: Pool, doomed: list[Doomed], now: float) -> list[str]:
@@ -158,8 +189,9 @@ def _marked(pool: Pool, doomed: list[Doomed], now: float) -> list[str]:
 def _remove_class(pool: Pool, cls: str, url: str, clock: Clock) -> list[str]:
     """Drain a removed class's queue, terminate its idle instances, delete its queues."""
     pool_q.drain(pool.region, url)
-    idle = [r for r in store.records_in_state(pool, State.IDLE) if r.resource_class == cls]
-    marked = _marked(pool, [Doomed(r.instance_id, State.IDLE, None, "any") for r in idle], clock.now())
+    parked = [r for st in (State.IDLE, State.STOPPED) for r in store.records_in_state(pool, st)
+              if r.resource_class == cls]
+    marked = _marked(pool, [Doomed(r.instance_id, r.state, None, "any") for r in parked], clock.now())
     out = termination.finish(pool, marked, clock)
     pool_q.delete_queue(pool.region, url)
     dlq = pool_q.dlq_url(pool.config, cls)

@@ -11,7 +11,8 @@ never as an exception.
 
 Thresholds are deadlines of the current state, in epoch seconds:
 created/claimed -> ``claim_timeout_s``; running -> ``max_runtime_s``;
-draining -> ``deregistration_timeout_s``; idle -> ``idle_time_s``; terminated
+draining -> ``deregistration_timeout_s``; idle -> ``idle_time_s``; stopped ->
+the class's ``stopped_time_s``; terminated
 -> now, with ``expires_at`` so DynamoDB's TTL removes the row later.
 """
 from __future__ import annotations
@@ -34,11 +35,15 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.CLAIMED, State.DRAINING): "provision rolled back: clear the run, wait for the agent to deregister",
     (State.RUNNING, State.DRAINING): "release: clear the run, wait for the agent to deregister",
     (State.DRAINING, State.IDLE): "the agent confirmed deregistration: back in the pool",
+    (State.IDLE, State.STOPPED): "idle past its threshold in a class with a stopped tier: refresh stops it",
+    (State.STOPPED, State.CLAIMED): "a provision claims a stopped runner (one winner), then starts it",
     (State.CREATED, State.TERMINATED): "created but not accepted (validation failed, or past its deadline)",
     (State.IDLE, State.TERMINATED): "idle past its threshold, reuse cap or lifetime reached, or class removed",
     (State.CLAIMED, State.TERMINATED): "claimed but unhealthy, or past its deadline (provisioner died)",
     (State.RUNNING, State.TERMINATED): "past max runtime, or its instance is gone",
     (State.DRAINING, State.TERMINATED): "the agent did not confirm deregistration in time",
+    (State.STOPPED, State.TERMINATED): "stopped past stopped_time_s or its lifetime, class removed, or EC2 "
+                                       "refused to stop or start it",
 }
 
 TERMINATED_RETENTION_S = 86400   # terminated rows stay a day for status/audit, then TTL removes them
@@ -84,13 +89,15 @@ def transition(
     when: When = "unexpired",
     count_reuse: bool = False,
     registration: dict[str, str] | None = None,
+    threshold: float | None = None,
 ) -> Transition:
     """Move one row ``from_`` -> ``to`` if it is still in ``from_`` and belongs to ``expect_run``.
 
     ``expect_run=None`` expects the row to belong to no run. ``set_run`` sets
     (str), clears (None) or keeps (KEEP) the run; clearing remembers it in
     ``last_run_id``. The new threshold is :func:`threshold_for` ``to``.
-    ``when`` adds a condition on the current threshold. ``registration``
+    ``threshold`` overrides it where the deadline is the class's, not the pool's (``stopped``:
+    the class's ``stopped_time_s``). ``when`` adds a condition on the current threshold. ``registration``
     (only into ``claimed``) sets what the agent needs to register its runner;
     every transition removes whatever of it it does not set, so commit,
     rollback and termination all take it away.
@@ -103,7 +110,8 @@ def transition(
     arn = pool.arn(instance_id)
     names = {"#s": "state", "#t": "threshold", "#r": "run_id", "#v": "version", "#u": "updated_at"}
     values: dict[str, Any] = {
-        ":from": {"S": from_.value}, ":to": {"S": to.value}, ":thr": num(threshold_for(pool.config, to, now)),
+        ":from": {"S": from_.value}, ":to": {"S": to.value},
+        ":thr": num(threshold_for(pool.config, to, now) if threshold is None else threshold),
         ":now": num(now), ":one": {"N": "1"},
     }
     cond = ["#s = :from"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane import interruptions, store
 from controlplane import pool as pool_q
-from controlplane import store
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.records import LIVE_STATES, State
 from controlplane.store import Pool
@@ -17,14 +17,19 @@ class PoolStatus:
     by_state: dict[str, int] = field(default_factory=dict)
     instances: list[dict[str, Any]] = field(default_factory=list)
     queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    interruptions_last_hour: dict[str, int] = field(default_factory=dict)     # per class
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool, "by_state": self.by_state, "instances": self.instances, "queues": self.queues}
+        return {"pool": self.pool, "by_state": self.by_state, "instances": self.instances, "queues": self.queues,
+                "interruptions_last_hour": self.interruptions_last_hour}
 
     def render(self) -> str:
         lines = [f"pool {self.pool}: " + ", ".join(f"{n} {s}" for s, n in self.by_state.items() if n)]
         for cls, d in sorted(self.queues.items()):
             lines.append(f"  queue {cls}: {d['visible']} waiting, {d['in_flight']} in flight")
+        if self.interruptions_last_hour:
+            lines.append("  spot interruptions in the last hour: "
+                         + ", ".join(f"{c} {n}" for c, n in sorted(self.interruptions_last_hour.items())))
         live = [i for i in self.instances if i["state"] != "terminated"]
         if live:
             lines.append(f"  {'instance':<21} {'state':<10} {'class':<10} {'type':<12} {'run':<24} heartbeat")
@@ -52,4 +57,5 @@ def pool_status(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> PoolStatus:
         })
     for cls, url in sorted(pool_q.pool_queues(pool.config).items()):
         st.queues[cls] = pool_q.depth(pool.region, url)
+    st.interruptions_last_hour = interruptions.last_hour(pool, now)
     return st

@@ -146,6 +146,15 @@ class Emu:
     def kill_agent(self, instance_id: str, sig: int = 9) -> None:
         self._call(f"{self.aws}/_emulator/sim/kill", "POST", {"instance_id": instance_id, "signal": sig})
 
+    def spot_notice(self, instance_id: str, kind: str = "instance-action", action: str = "terminate") -> Any:
+        """IMDS of one instance announces a spot interruption (or a rebalance recommendation) from now on."""
+        return self._call(f"{self.aws}/_emulator/sim/spot", "POST",
+                          {"instance_id": instance_id, "kind": kind, "action": action})
+
+    def machines(self) -> dict[str, dict[str, Any]]:
+        """The simulator's view of each instance (phase, boots, pid), by instance id."""
+        return {m["instance_id"]: m for m in self._call(f"{self.aws}/_emulator/sim/status")["instances"]}
+
     # -- the GitHub stand-in
 
     def github_fault(self, **rule: Any) -> None:

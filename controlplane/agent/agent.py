@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -87,6 +88,8 @@ NUMBERS = {
     "RP_THRESHOLD_GRACE_S": 60, "RP_IMDS_TIMEOUT_S": 120,
 }
 AWS_ERRORS = (ClientError, BotoCoreError, ValueError, KeyError, TypeError)
+# IMDS paths EC2 fills when it will reclaim a spot instance (two minutes' notice) or recommends replacing it.
+SPOT_NOTICES = ("/latest/meta-data/spot/instance-action", "/latest/meta-data/events/recommendations/rebalance")
 
 
 class AgentError(Exception):
@@ -207,6 +210,43 @@ def identity(base: str, timeout_s: float, log: Log) -> tuple[dict[str, Any], str
             log("imds_retry", exc)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class Imds:
+    """IMDSv2 for the heartbeat thread's spot-notice check: one session token, renewed on a 401."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.token = ""
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _get(self, path: str) -> str | None:
+        """The body at ``path``; None when IMDS answers 404 (nothing there) or cannot be reached."""
+        for _ in (1, 2):
+            try:
+                if not self.token:
+                    req = urllib.request.Request(self.base + "/latest/api/token", method="PUT",
+                                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
+                    with self.opener.open(req, timeout=2) as resp:
+                        self.token = resp.read().decode()
+                req = urllib.request.Request(self.base + path, headers={"X-aws-ec2-metadata-token": self.token})
+                with self.opener.open(req, timeout=2) as resp:
+                    return resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401:
+                    return None
+                self.token = ""                         # expired or unknown: a new token, once
+            except (OSError, ValueError):
+                return None
+        return None
+
+    def spot_notice(self) -> str | None:
+        """The interruption notice or rebalance recommendation IMDS holds, if any (``path: body``)."""
+        for path in SPOT_NOTICES:
+            body = self._get(path)
+            if body:
+                return f"{path.rsplit('/', 1)[-1]}: {body.strip()[:300]}"
+        return None
 
 
 class Aws:
@@ -343,6 +383,11 @@ class Agent:
         self.pending: tuple | None = None            # a signal not yet written
         self.acked: str | None = None                # last run we signalled ``deregistered`` for
         self.booted = self.row_seen = time.monotonic()
+        self.sigterm = False                            # the OS is shutting down (an EC2 stop or terminate)
+        self.spot = False                               # the row says spot: only then watch IMDS for notices
+        self.notice: str | None = None                  # a spot notice seen in IMDS (heartbeat thread)
+        self.interrupted = False                        # ... acted on: runner stopped, no more jobs
+        self.imds = Imds(cfg.imds)
         self.config_log = os.path.join(cfg.home, "config.log")
 
     def request_stop(self, reason: str) -> None:
@@ -384,6 +429,11 @@ class Agent:
                                  "expires_at": now + ROW_TTL_S})
             except AWS_ERRORS as exc:
                 self.log("heartbeat_failed", exc)
+            if self.spot and self.notice is None:       # EC2 sends these to spot instances only
+                notice = self.imds.spot_notice()
+                if notice:
+                    self.notice = notice
+                    self.wake.set()
             silent = time.monotonic() - self.aws.last_ok
             if silent > self.cfg.lost_contact_s:
                 self.request_stop(f"lost contact with DynamoDB for {silent:.0f} s")
@@ -448,11 +498,15 @@ class Agent:
                 return f"no state row for {missing:.0f} s"
         else:
             self.row_seen = time.monotonic()
+            self.spot = row.get("usage_class") == "spot"
             state, threshold = row.get("state"), row.get("threshold")
             if state == "terminated":
                 return "state row is terminated"
             if threshold is not None and now > threshold + self.cfg.threshold_grace_s:
                 return f"{state} threshold passed {now - threshold:.0f} s ago"
+            if self.notice or self.interrupted:
+                self.interrupt()
+                return None                             # no more jobs; EC2 or the control plane ends us
             if state in RUN_STATES and row.get("run_id"):
                 desired = row["run_id"]
             last = row.get("last_run_id")
@@ -504,6 +558,8 @@ class Agent:
             ok, detail = self.register_once(run_id, row)
             if ok:
                 self.run_id = run_id
+                if self.notice:                         # a spot notice came meanwhile: never announce it ready
+                    return ""                           # (the next step interrupts it)
                 self.signal("registered", run_id, f"{detail} after {time.monotonic() - started:.1f} s, "
                                                   f"attempt {attempt}")
                 return ""
@@ -665,6 +721,31 @@ class Agent:
         self.run_id = self.name = self.log.run_id = self.runner_id = None
         self.jit = False
 
+    def interrupt(self) -> None:
+        """EC2 announced a spot interruption or recommends a rebalance: stop taking jobs (stop and wipe
+        the runner), signal ``interrupted`` once, and let the instance go -- EC2 reclaims it, or the
+        control plane terminates it and removes the runner from GitHub. Never registers again."""
+        if self.interrupted:
+            return
+        run = self.run_id
+        self.stop_runner()
+        self.kill_leftovers()
+        self.clean_local()
+        self.interrupted, self.acked = True, run
+        self.signal("interrupted", run, str(self.notice))
+        self.run_id = self.name = self.log.run_id = self.runner_id = None
+
+    def stopped_by_ec2(self) -> bool:
+        """A SIGTERM while the state row says ``stopped``: EC2 is stopping the instance (the stopped
+        tier). It boots again later and the per-boot script starts a new agent: no ``shutdown``
+        signal (the row would read dead) and no power-off (the stop is under way)."""
+        if not self.sigterm:
+            return False
+        try:
+            return (self.aws.state() or {}).get("state") == "stopped"
+        except AWS_ERRORS:
+            return False
+
     def shutdown(self, reason: str, announce: bool = True) -> int:
         """Signal ``shutdown`` (best effort), stop the runner and wipe it, power off.
 
@@ -674,6 +755,11 @@ class Agent:
         runner's GitHub registration is the control plane's to delete (the
         release or reconcile that finds this instance dead).
         """
+        if self.stopped_by_ec2():
+            self.log("stopping", "EC2 stops the instance: the agent starts again on its next boot")
+            self.stop_runner()
+            self.clean_local()
+            return 0
         self.log("shutdown", reason)
         if announce:
             self.signal("shutdown", self.run_id, reason, quick=True)
@@ -711,7 +797,11 @@ def main() -> int:
     arn = f"arn:{partition}:ec2:{doc['region']}:{doc['accountId']}:instance/{instance_id}"
     log("start", arn, pool=cfg.pool, instance_type=doc.get("instanceType"), python=sys.version.split()[0])
     agent = Agent(cfg, log, Aws(cfg, cfg.region or str(doc["region"]), arn), instance_id)
-    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop("received SIGTERM"))
+    def on_sigterm(*_: Any) -> None:
+        agent.sigterm = True
+        agent.request_stop("received SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return agent.main()
     except Exception as exc:  # noqa: BLE001 - a bug must not leave an instance without an agent

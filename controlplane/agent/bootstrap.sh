@@ -89,18 +89,21 @@ fi
 if [ -n "$RP_USER" ]; then chown -R runner:runner "$RP_RD"; fi
 
 # Every boot runs this whole script (it is idempotent): on first boot as the user data, after a stop
-# and start from cloud-init's per-boot directory. The IMDS rule must be in place before the agent starts.
+# and start from the per-boot directory. The IMDS rule must be in place before the agent starts.
 rp_fw() { R="OUTPUT -d $2 -m owner --uid-owner runner -j REJECT"; $1 -C $R 2>/dev/null || $1 -I $R; }
 if [ -n "$RP_USER" ]; then
   rp_fw iptables 169.254.169.254
   [ ! -e /proc/net/if_inet6 ] || rp_fw ip6tables fd00:ec2::254
-  P=/var/lib/cloud/scripts/per-boot
-  if [ -d /var/lib/cloud ] && [ ! "$0" -ef bootstrap.sh ]; then
-    cp "$0" bootstrap.sh
-    mkdir -p $P
-    printf '#!/bin/sh\nexec /bin/bash %s/bootstrap.sh\n' "$RUNNER_POOL_HOME" >$P/runner-pool.sh
-    chmod 700 $P/runner-pool.sh
-  fi
+fi
+# The stopped tier starts instances again: whatever boots them (cloud-init, or the simulator's process
+# kind under RUNNER_POOL_CLOUD_DIR) runs scripts/per-boot, and so this installed copy, on every boot.
+RP_CD="${RUNNER_POOL_CLOUD_DIR:-${RP_USER:+/var/lib/cloud}}"
+if [ -d "$RP_CD" ] && [ ! "$0" -ef bootstrap.sh ]; then
+  cp "$0" bootstrap.sh
+  P="$RP_CD/scripts/per-boot"
+  mkdir -p "$P"
+  printf '#!/bin/sh\nexec /bin/bash %s/bootstrap.sh\n' "$RUNNER_POOL_HOME" >"$P/runner-pool.sh"
+  chmod 700 "$P/runner-pool.sh"
 fi
 
 shopt -s execfail

@@ -174,8 +174,18 @@ def _sim_hooks(sim: Any) -> dict[tuple[str, str], Any]:
             return 404, {"error": f"no live agent for {data.get('instance_id')}"}
         return 200, {"ok": True}
 
+    def spot(data: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            return 200, sim.spot_notice(str(data["instance_id"]), str(data.get("kind", "instance-action")),
+                                        str(data.get("action", "terminate")))
+        except KeyError as exc:
+            return 404, {"error": str(exc)}
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+
     return {("POST", "/_emulator/sim/behaviour"): behaviour, ("DELETE", "/_emulator/sim/behaviour"): clear,
-            ("GET", "/_emulator/sim/status"): status, ("POST", "/_emulator/sim/kill"): kill}
+            ("GET", "/_emulator/sim/status"): status, ("POST", "/_emulator/sim/kill"): kill,
+            ("POST", "/_emulator/sim/spot"): spot}
 
 
 def _iam_hooks(aws_url: str, admin: dict[str, str]) -> dict[tuple[str, str], Any]:

@@ -370,8 +370,9 @@ class Middleware:
 
 # ---------------------------------------------------------------- CreateFleet shim
 
-def _types_for(req: dict[str, Any]) -> list[str]:
-    """Instance types moto knows that satisfy InstanceRequirements, best first."""
+def _types_for(req: dict[str, Any], architecture: str = "x86_64") -> list[str]:
+    """Instance types moto knows that satisfy InstanceRequirements and can run an AMI of
+    ``architecture`` (EC2 Fleet launches only types that can boot the template's image), best first."""
     from moto.ec2.models.instance_types import INSTANCE_TYPES
 
     allow = req.get("AllowedInstanceTypes") or ["*"]
@@ -382,6 +383,8 @@ def _types_for(req: dict[str, Any]) -> list[str]:
     found = []
     for name, spec in INSTANCE_TYPES.items():
         if not any(fnmatch.fnmatch(name, p) for p in allow) or any(fnmatch.fnmatch(name, p) for p in excl):
+            continue
+        if architecture not in (spec.get("ProcessorInfo") or {}).get("SupportedArchitectures", ["x86_64"]):
             continue
         cpus = spec["VCpuInfo"]["DefaultVCpus"]
         mib = spec["MemoryInfo"]["SizeInMiB"]
@@ -400,6 +403,21 @@ def _types_for(req: dict[str, Any]) -> list[str]:
             continue
         found.append((not spec.get("CurrentGeneration", True), cpus, mib, name))
     return [n for *_, n in sorted(found)]
+
+
+def _template_architecture(backend: Any, spec: dict[str, Any]) -> str:
+    """The architecture of the image a fleet's launch template (its default version) names; x86_64 when
+    the image is not one moto knows (AMI validation is off, so any id launches)."""
+    try:
+        if spec.get("LaunchTemplateId"):
+            template = backend.get_launch_template(spec["LaunchTemplateId"])
+        else:
+            template = backend.get_launch_template_by_name(spec.get("LaunchTemplateName", ""))
+        lt_version = template.get_version(str(spec.get("Version") or "$Default"))
+        image = backend.amis.get(lt_version.image_id)
+    except Exception:                                # noqa: BLE001 - moto raises its own types; unknown = default
+        return "x86_64"
+    return str(getattr(image, "architecture", None) or "x86_64")
 
 
 def _capacity_for(instance_type: str, subnet: str | None, lifecycle: str) -> float:
@@ -462,7 +480,8 @@ def install_fleet_shim() -> None:
             for o in overrides:
                 chosen, why = None, "UnfulfillableCapacity"
                 req = o.get("InstanceRequirements")
-                candidates = _types_for(req) if req else ([o["InstanceType"]] if "InstanceType" in o else [])
+                arch = _template_architecture(self, cfg.get("LaunchTemplateSpecification") or {})
+                candidates = _types_for(req, arch) if req else ([o["InstanceType"]] if "InstanceType" in o else [])
                 cap = 0.0
                 for t in candidates:
                     c = _capacity_for(t, o.get("SubnetId"), lifecycle)

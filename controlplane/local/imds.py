@@ -17,7 +17,10 @@ document``, ``latest/meta-data/`` {``instance-id``, ``instance-type``,
 ``ami-id``, ``placement/availability-zone``, ``placement/region``,
 ``services/partition``, ``services/domain``, ``tags/instance``,
 ``tags/instance/<key>``, ``iam/security-credentials/<role>``}, and
-``latest/user-data``.
+``latest/user-data``; once :meth:`ImdsStandIn.notify` injected one, the spot
+interruption notice (``meta-data/spot/instance-action``) and the rebalance
+recommendation (``meta-data/events/recommendations/rebalance``), 404 before,
+as on EC2.
 
 Rootfs instances (``controlplane/local/rootfs.py``) reach it as EC2's do, at
 ``http://169.254.169.254/latest/...`` with no prefix: :meth:`ImdsStandIn.serve_on`
@@ -52,6 +55,9 @@ from werkzeug.wrappers import Request, Response
 from controlplane.local.wsgi import Served
 
 TOKEN_TTL_MAX_S = 21600
+SPOT_NOTICES = ("instance-action", "rebalance")      # what notify() can inject
+SPOT_ACTIONS = ("terminate", "stop", "hibernate")
+SPOT_NOTICE_LEAD_S = 120                             # EC2 gives two minutes' notice before it interrupts
 TOKEN_PATH = "/latest/api/token"
 SERVER_VERSION = "EC2ws"                             # the Server header EC2's IMDS sends
 
@@ -95,6 +101,7 @@ class ImdsStandIn:
         self._served: Served | None = None
         self._extra: list[Served] = []                      # serve_on() sockets, instances known by address
         self._addresses: dict[str, str] = {}              # source address -> instance id
+        self._notices: dict[str, dict[str, bytes]] = {}   # instance id -> notice kind -> JSON body
         self.port = 0
 
     def start(self) -> ImdsStandIn:
@@ -144,8 +151,23 @@ class ImdsStandIn:
             if address:
                 self._addresses[address] = instance_id
 
+    def notify(self, instance_id: str, kind: str, action: str = "terminate") -> dict[str, Any]:
+        """Serve a spot notice to ``instance_id`` from now on: ``instance-action`` (``{"action", "time"}``,
+        the time two minutes ahead) or ``rebalance`` (``{"noticeTime"}``). ValueError for a bad kind."""
+        if kind not in SPOT_NOTICES:
+            raise ValueError(f"kind must be one of {list(SPOT_NOTICES)}, not {kind!r}")
+        if action not in SPOT_ACTIONS:
+            raise ValueError(f"action must be one of {SPOT_ACTIONS}, not {action!r}")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + SPOT_NOTICE_LEAD_S))
+        body: dict[str, Any] = ({"action": action, "time": stamp} if kind == "instance-action"
+                                else {"noticeTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        with self._lock:
+            self._notices.setdefault(instance_id, {})[kind] = json.dumps(body).encode()
+        return {"instance_id": instance_id, "kind": kind, "body": body}
+
     def unregister(self, instance_id: str) -> None:
         with self._lock:
+            self._notices.pop(instance_id, None)
             self._instances.pop(instance_id, None)
             self._tokens = {t: v for t, v in self._tokens.items() if v[0] != instance_id}
             self._addresses = {a: i for a, i in self._addresses.items() if i != instance_id}
@@ -239,6 +261,18 @@ class ImdsStandIn:
         }).encode()
 
 
+    def _notice(self, inst: ImdsInstance, kind: str) -> Response | None:
+        with self._lock:
+            body = self._notices.get(inst.instance_id, {}).get(kind)
+        return None if body is None else Response(body, 200, content_type="application/json")
+
+    def _spot_instance_action(self, inst: ImdsInstance) -> Response | None:
+        return self._notice(inst, "instance-action")
+
+    def _rebalance(self, inst: ImdsInstance) -> Response | None:
+        return self._notice(inst, "rebalance")
+
+
 def _text(status: int, body: str) -> Response:
     return Response(body, status, content_type="text/plain")
 
@@ -269,4 +303,6 @@ _ROUTES = Map([
     Rule(f"{_MD}/tags/instance/<path:key>", endpoint=ImdsStandIn._tag),
     Rule(f"{_MD}/iam/security-credentials", endpoint=ImdsStandIn._role_name),
     Rule(f"{_MD}/iam/security-credentials/<role>", endpoint=ImdsStandIn._role_credentials),
+    Rule(f"{_MD}/spot/instance-action", endpoint=ImdsStandIn._spot_instance_action),
+    Rule(f"{_MD}/events/recommendations/rebalance", endpoint=ImdsStandIn._rebalance),
 ], strict_slashes=False, merge_slashes=False)

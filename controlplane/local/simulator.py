@@ -15,6 +15,14 @@ tagged ``runner-pool:pool`` it plays the machine:
   template's shutdown behaviour is ``terminate``, so the instance is
   terminated in moto. A non-zero exit or a SIGKILL leaves the instance running
   with no agent: a wedged instance, which the control plane must find.
+* **stop and start** (the stopped tier): EC2's ``stop`` is an OS shutdown
+  (SIGTERM, SIGKILL after ``TERMINATE_GRACE_S``) that keeps the home, the
+  instance's "EBS root"; ``start`` boots it again running what the first
+  boot installed in ``<home>/cloud/scripts/per-boot/``
+  (``RUNNER_POOL_CLOUD_DIR``), as cloud-init runs its per-boot scripts, not
+  the user data.
+* **spot notices**: :meth:`Simulator.spot_notice` has the IMDS stand-in
+  serve an interruption notice or a rebalance recommendation to one instance.
 * **termination by anyone** (control plane, test, refresh): the agent's
   processes get SIGTERM, as an OS shutdown would send, and SIGKILL after
   ``TERMINATE_GRACE_S``. That includes ``run.sh`` and ``config.sh``, which run
@@ -429,6 +437,9 @@ class Simulator:
         if m.kind == "rootfs" and facts is not None and facts["state"] in STOPPED_EC2_STATES:
             self._on_ec2_stop(m, now)
             return
+        if facts is not None and facts["state"] in STOPPED_EC2_STATES:
+            self._on_process_stop(m, now)
+            return
         if not ec2_live:
             self._on_terminated(m, now)
             return
@@ -467,6 +478,7 @@ class Simulator:
             "RUNNER_POOL_HOME": str(m.home), "RUNNER_POOL_IMDS_ENDPOINT": self.imds.base_url(m.instance_id),
             "RUNNER_POOL_RUNNER_SOURCE": str(RUNNER_SOURCE), "RUNNER_POOL_SHUTDOWN_CMD": "true",
             "RUNNER_POOL_PYTHON": sys.executable, "RUNNER_POOL_SKIP_OS_SETUP": "1",
+            "RUNNER_POOL_CLOUD_DIR": str(m.home / "cloud"),
         }
         if self.agent_credentials is not None:
             env.update(self.agent_credentials(m.instance_id))
@@ -504,17 +516,54 @@ class Simulator:
             self._boot_rootfs(m, user_data)
             return
         m.home.mkdir(parents=True, exist_ok=True)
-        script = m.home / "user-data"
-        script.write_bytes(user_data)
+        (m.home / "cloud").mkdir(exist_ok=True)
+        if m.boots == 0:                             # first boot: cloud-init runs the user data
+            script = m.home / "user-data"
+            script.write_bytes(user_data)
+            argv = ["bash", str(script)]
+        else:                                        # later boots: only what the instance installed
+            per_boot = m.home / "cloud" / "scripts" / "per-boot"
+            if not any(per_boot.glob("*")):
+                m.phase, m.detail = "exited", "started again, but nothing is installed in scripts/per-boot"
+                return
+            argv = ["/bin/sh", "-c", 'for s in "$0"/*; do [ -x "$s" ] && "$s"; done', str(per_boot)]
         self.imds.register(m.instance_id, m.instance_type, facts["az"], m.region, self._account(),
                            user_data, facts["tags"], image_id=facts.get("image_id") or "ami-00000000",
                            pending_time=_epoch(facts.get("launched")))
         with open(m.home / "console.log", "ab") as console:
-            m.proc = subprocess.Popen(["bash", str(script)], cwd=m.home, env=self._env(m),
+            m.proc = subprocess.Popen(argv, cwd=m.home, env=self._env(m),
                                       stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                                       start_new_session=True)
+        m.boots += 1
         m.started_mono, m.started_at, m.phase = time.monotonic(), time.time(), "running"
-        log.info("booted %s: pid %d", m.instance_id, m.proc.pid)
+        log.info("booted %s (boot %d): pid %d", m.instance_id, m.boots, m.proc.pid)
+
+    def _on_process_stop(self, m: _Machine, now: float) -> None:
+        """EC2 stops a process-kind instance: an OS shutdown (SIGTERM, SIGKILL after the grace) that
+        keeps its home, as a stopped instance keeps its EBS root; ``start`` boots it again."""
+        if m.phase == "halted":
+            return
+        if m.proc is None:
+            m.phase, m.detail = "halted", "stopped before it booted"
+            return
+        if m.term_sent_at is None:
+            m.term_sent_at = now
+            if m.frozen:
+                _signal_all(m, signal.SIGCONT)
+            _signal_all(m, signal.SIGTERM)
+        if m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
+            return
+        _signal_all(m, signal.SIGKILL)
+        self.imds.unregister(m.instance_id)
+        m.proc, m.phase, m.detail, m.frozen = None, "halted", "stopped in EC2: home kept", False
+
+    def spot_notice(self, instance_id: str, kind: str, action: str = "terminate") -> dict[str, Any]:
+        """Make IMDS announce a spot interruption (``instance-action``) or a rebalance recommendation
+        to one instance, as EC2 does; the instance itself is left running (the control plane ends it)."""
+        with self._lock:
+            if instance_id not in self._machines:
+                raise KeyError(f"no simulated instance {instance_id}")
+        return self.imds.notify(instance_id, kind, action)
 
     def _in_background(self, m: _Machine, what: str, fn: Any) -> None:
         """``fn()`` in a thread of its own: rootfs boots and teardowns run commands (mount, ip, umount)

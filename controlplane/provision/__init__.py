@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, inputs, metrics, store
+from controlplane import aws, inputs, interruptions, metrics, store
 from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.errors import ConfigError, ProvisionFailure, RunnerPoolError
@@ -78,7 +78,9 @@ class ProvisionResult:
     capacity_errors: dict[str, int] = field(default_factory=dict)
     cleanup: Cleanup = field(default_factory=Cleanup)
     from_pool: int = 0
+    from_stopped: int = 0                 # stopped runners started for this run (the stopped tier)
     created: int = 0
+    breaker_open: bool = False            # spot interruptions breaker: this run's creations went on-demand
 
     @property
     def reason(self) -> str:
@@ -90,7 +92,7 @@ class ProvisionResult:
 
     @property
     def pool_hit_rate(self) -> float:
-        total = self.from_pool + self.created
+        total = self.from_pool + self.from_stopped + self.created
         return round(self.from_pool / total, 3) if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,7 +105,8 @@ class ProvisionResult:
             "timings": self.timings, "reason": self.reason or None,
             "cleanup": {"terminated": self.cleanup.terminated, "returned_to_pool": self.cleanup.returned_to_pool,
                         "failed": self.cleanup.failed},
-            "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "created": self.created,
+            "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "from_stopped": self.from_stopped,
+            "created": self.created, "breaker_open": self.breaker_open,
             "api_calls": self.api_calls, "api_calls_by_op": self.api_calls_by_op,
             "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
             "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
@@ -112,7 +115,9 @@ class ProvisionResult:
     def summary(self) -> str:
         if self.ok:
             lines = [f"provisioned {len(self.instances)} runner(s) for run {self.run_id} "
-                     f"(label {self.label}): {self.from_pool} from the pool, {self.created} created, "
+                     f"(label {self.label}): {self.from_pool} from the pool, "
+                     + (f"{self.from_stopped} started from stopped, " if self.from_stopped else "")
+                     + f"{self.created} created, "
                      f"{self.timings.get('total', 0):.1f} s"]
             lines += [f"  {m.instance_id}  {m.source:<7}  {m.instance_type:<12}  {m.subnet_id}" for m in self.instances]
             lines.append(f'runs-on: "{self.label}"')
@@ -156,6 +161,7 @@ class _Attempt:
     selection: SelectionResult = field(default_factory=SelectionResult)
     creation: CreationResult = field(default_factory=CreationResult)
     validated_at: float | None = None
+    breaker_open: bool = False
 
     @property
     def ephemeral(self) -> bool:
@@ -202,8 +208,11 @@ def _select(a: _Attempt, registration: dict[str, str] | None) -> SelectionResult
 
 def _create(a: _Attempt, sel: SelectionResult, registration: dict[str, str] | None) -> CreationResult:
     missing = a.req.count - len(sel.claimed)
-    a.progress.phase(f"      {len(sel.claimed)} claimed from the pool, {len(sel.unhealthy)} unhealthy, "
-                     f"{missing} to create")
+    started = sum(1 for m in sel.claimed if m.source == "stopped")
+    a.progress.phase(f"      {len(sel.claimed) - started} claimed from the pool, {started} started from "
+                     f"stopped, {len(sel.unhealthy)} unhealthy, {missing} to create")
+    if a.usage_class == "spot" and missing > 0:
+        _spot_breaker(a)
     a.progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
     with a.laps.lap("creation"):
         a.creation = creation.create(a.pool, a.req.run_id, a.req.resource_class, missing, a.usage_class, a.clock,
@@ -220,7 +229,21 @@ def _validate(a: _Attempt, members: list[Member]) -> ValidationResult:
     with a.laps.lap("validation"):
         val = validation.validate(a.pool, a.req.run_id, members, timeout, a.progress, a.clock)
     a.validated_at = val.decided_at
+    interruptions.record(a.pool, {m.instance_id: m.resource_class for m in members
+                                  if m.instance_id in val.interrupted}, a.clock.now())
     return val
+
+
+def _spot_breaker(a: _Attempt) -> None:
+    """After repeated spot interruptions in the class, create on-demand for its cool-down."""
+    breaker = interruptions.breaker(a.pool, a.req.resource_class, a.clock.now())
+    if not breaker.open:
+        return
+    a.usage_class, a.breaker_open = "on-demand", True
+    a.progress.phase(f"      spot breaker open for class {a.req.resource_class} ({breaker.count} interruption(s) "
+                     f"in {a.pool.config.spot_breaker.window_s} s): creating on-demand until {breaker.until:.0f}")
+    event("provision.breaker_open", run_id=a.req.run_id, resource_class=a.req.resource_class,
+          interruptions=breaker.count, until=breaker.until)
 
 
 def _carry_out(a: _Attempt, outcome: Outcome) -> Finalized:
@@ -256,7 +279,9 @@ def _finish(a: _Attempt, calls: aws.CallCounter, done: Finalized) -> ProvisionRe
                           api_calls=calls.by_service(), api_calls_by_op=calls.snapshot(),
                           validated_at=a.validated_at, fleet_calls=cr.fleet_calls,
                           capacity_errors=cr.errors_by_code, cleanup=done.cleanup,
-                          from_pool=len(sel.claimed), created=len(cr.members))
+                          from_pool=sum(1 for m in sel.claimed if m.source == "pool"),
+                          from_stopped=sum(1 for m in sel.claimed if m.source == "stopped"),
+                          created=len(cr.members), breaker_open=a.breaker_open)
     event("provision.done", run_id=res.run_id, ok=res.ok, instance_ids=res.instance_ids, reason=res.reason,
           duration_s=res.timings["total"], pool_hit_rate=res.pool_hit_rate, api_calls=res.api_calls,
           capacity_errors=res.capacity_errors, terminated=res.cleanup.terminated,

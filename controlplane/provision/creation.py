@@ -80,7 +80,8 @@ def fleet_request(pool: Pool, run_id: str, resource_class: str, count: int, usag
         "Type": "instant",
         "ClientToken": token,
         "LaunchTemplateConfigs": [{
-            "LaunchTemplateSpecification": {"LaunchTemplateName": cfg.launch_template_name, "Version": "$Default"},
+            "LaunchTemplateSpecification": {"LaunchTemplateName": cfg.launch_template_for(resource_class),
+                                            "Version": "$Default"},
             "Overrides": [{"SubnetId": s, "InstanceRequirements": req} for s in cfg.subnets],
         }],
         "TargetCapacitySpecification": tcs,

@@ -46,6 +46,8 @@ from controlplane.termination import Cleanup, Doomed, finish, retire
 if TYPE_CHECKING:
     from controlplane.github import GitHubClient
 
+CLAIMED_SOURCES = ("pool", "stopped")      # members that were claimed rows: reused, returned to the pool
+
 __all__ = ["Cleanup", "Commit", "Finalized", "Outcome", "Rollback", "commit", "decide", "rollback"]
 
 
@@ -123,7 +125,7 @@ def _commit_all(pool: Pool, run_id: str, members: list[Member], clock: Clock) ->
 
     def one(m: Member) -> str | None:
         t = transition(pool, m.instance_id, from_=_state_of(m), to=State.RUNNING, expect_run=run_id, now=now,
-                       count_reuse=m.source == "pool")
+                       count_reuse=m.source in CLAIMED_SOURCES)
         return None if t.won else m.instance_id
 
     lost = [i for i in aws.parallel(one, members) if i]
@@ -137,5 +139,6 @@ def _retire_members(pool: Pool, run_id: str, members: list[Member], clock: Clock
 
 
 def _state_of(m: Member) -> State:
-    """The state a member of a provision in progress is in: claimed from the pool, or created."""
-    return State.CLAIMED if m.source == "pool" else State.CREATED
+    """The state a member of a provision in progress is in: claimed (from the pool or the stopped tier),
+    or created."""
+    return State.CLAIMED if m.source in CLAIMED_SOURCES else State.CREATED

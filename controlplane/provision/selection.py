@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane import aws, store
+from controlplane import aws, interruptions, stopped_tier, store
 from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.logs import event
 from controlplane.pool import PoolMessage
 from controlplane.provision.attempt import Touched
-from controlplane.records import Member, Signal, State
+from controlplane.records import AgentRecord, Member, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
 
@@ -130,6 +130,9 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             unhealthy_all.extend(unhealthy)
         if not keep and back:
             break                                   # everything visible is for someone else
+    if len(claimed) < count:                        # then the stopped tier: claimed, started in one call
+        claimed.extend(stopped_tier.claim_and_start(pool, run_id, resource_class, count - len(claimed),
+                                                    usage_class, clock, touched, registration))
     event("selection.done", run_id=run_id, resource_class=resource_class, wanted=count,
           claimed=[m.instance_id for m in claimed], unhealthy=[m.instance_id for m in unhealthy_all],
           received=res.received, lost_races=res.lost_races, given_back=res.given_back)
@@ -157,10 +160,13 @@ def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list
     for m in members:
         _, agent = rows.get(m.instance_id, (None, None))
         ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (
-            Signal.SHUTDOWN, Signal.PRERUNNER_FAILED)
+            Signal.SHUTDOWN, Signal.PRERUNNER_FAILED, Signal.INTERRUPTED)
         (healthy if ok else unhealthy).append(m)
         if not ok:
             age = agent.heartbeat_age(now) if agent else None
             event("claim.unhealthy", instance_id=m.instance_id,
                   heartbeat_age_s=round(age, 1) if age is not None else None)
+    interruptions.record(pool, {m.instance_id: m.resource_class for m in unhealthy
+                                if (rows.get(m.instance_id, (None, None))[1] or AgentRecord(m.arn)).interrupted},
+                         now)
     return healthy, unhealthy

@@ -32,6 +32,7 @@ class ValidationResult:
     decided_at: float | None = None                           # wall clock of the poll that decided (epoch)
     ids: list[str] = field(default_factory=list)              # every member's id, in order
     timeout_s: float = 0.0
+    interrupted: list[str] = field(default_factory=list)      # members whose agent got a spot notice
 
     @property
     def ok(self) -> bool:
@@ -53,6 +54,7 @@ class _Poll:
     failed: dict[str, str] = field(default_factory=dict)
     healthy: set[str] = field(default_factory=set)
     polls: int = 0
+    interrupted: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
     ids = [m.instance_id for m in members]
     # Claimed members were healthy when claimed: a stale heartbeat later means it stopped.
     seen_heartbeat: set[str] = {m.instance_id for m in members if m.source == "pool"}
+    # Started from the stopped tier: like a claimed one, but booting. What its agent row says from
+    # before the start is the last boot's word, not this one's.
+    started = {m.instance_id: m.started_at for m in members if m.started_at is not None}
     deadline = Deadline(timeout_s, clock)
 
     def poll() -> bool:
@@ -102,6 +107,12 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
         healthy: set[str] = set()
         for iid in ids:
             record, agent = rows[iid]
+            since = started.get(iid)
+            if (record is not None and record.run_id == run_id and agent is not None and since is not None
+                    and max(agent.heartbeat_at or 0, agent.signal_at or 0) < since):
+                continue                              # started, its new boot has not written yet
+            if agent is not None and agent.interrupted and iid not in res.interrupted:
+                res.interrupted.append(iid)
             verdict = judge(record, agent, run_id, now, cfg.heartbeat_stale_s, iid in seen_heartbeat)
             if verdict.healthy:
                 healthy.add(iid)
@@ -115,7 +126,8 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
         return bool(failed) or len(ready) == len(ids)
 
     done = wait_until(poll, deadline, POLL_INTERVAL_S)
-    out = ValidationResult(res.ready, res.failed, not done, res.polls, res.healthy, clock.now(), ids, timeout_s)
+    out = ValidationResult(res.ready, res.failed, not done, res.polls, res.healthy, clock.now(), ids, timeout_s,
+                           res.interrupted)
     event("validation.done", run_id=run_id, ready=out.ready, failed=out.failed, timed_out=out.timed_out,
           polls=out.polls, elapsed_s=round(deadline.elapsed_s, 3))
     return out

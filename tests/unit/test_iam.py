@@ -140,7 +140,8 @@ CALLS = {
     "ec2": {"DescribeSubnets", "DescribeSecurityGroups", "DescribeInstances", "DescribeLaunchTemplates",
             "DescribeLaunchTemplateVersions", "CreateLaunchTemplate", "CreateLaunchTemplateVersion",
             "ModifyLaunchTemplate", "DeleteLaunchTemplate", "DeleteLaunchTemplateVersions", "CreateFleet",
-            "RunInstances", "CreateTags", "TerminateInstances"},
+            "RunInstances", "CreateTags", "TerminateInstances",
+            "StopInstances", "StartInstances", "DescribeImages"},   # the stopped tier; a class image's architecture
     "ssm": {"GetParameter", "PutParameter", "DeleteParameter"},
     "iam": {"PassRole"},
 }
