@@ -19,12 +19,13 @@ from typing import Any, Literal
 
 from botocore.exceptions import ClientError
 
-from controlplane import aws
+from controlplane import aws, ceilings
 from controlplane.records import REGISTRATION_ATTRIBUTES, STATE_SK, InstanceRecord, State, num
 
 # (from, to): why the edge exists. Anything not listed is refused before any call.
 TRANSITIONS: dict[tuple[State, State], str] = {
     (State.CREATED, State.RUNNING): "validation passed for a created instance: commit it to its run",
+    (State.CREATED, State.IDLE): "warm top-up: an instance refresh created for no run is up; into the pool",
     (State.IDLE, State.CLAIMED): "a provision claims an idle runner from the pool (one winner)",
     (State.CLAIMED, State.RUNNING): "validation passed for a claimed instance: commit it to its run",
     (State.CLAIMED, State.DRAINING): "provision rolled back: clear the run, wait for the agent to deregister",
@@ -144,9 +145,16 @@ def transition(
         old = exc.response.get("Item")
         current = InstanceRecord.from_item(old) if old else None
         if current is not None and _landed_already(current, to, run_id, new_run_id, now):
-            return Transition(True, current)
+            return _won(table, region, to, current, now)
         return Transition(False, current, _why_lost(current, from_, run_id, now, when))
-    return Transition(True, InstanceRecord.from_item(resp["Attributes"]))
+    return _won(table, region, to, InstanceRecord.from_item(resp["Attributes"]), now)
+
+
+def _won(table: str, region: str, to: State, record: InstanceRecord, now: float) -> Transition:
+    """A won write; one into ``terminated`` also stops counting the instance against its ceilings."""
+    if to is State.TERMINATED:
+        ceilings.count_terminated(table, region, record.resource_class, now)
+    return Transition(True, record)
 
 
 def _landed_already(current: InstanceRecord, to: State, run_id: str | None, new_run_id: str | None | Keep,

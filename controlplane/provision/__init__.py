@@ -30,10 +30,11 @@ emergency) are deleted through the REST API.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store
+from controlplane import aws, ceilings, costtags, metrics, poolstats, store
 from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import USAGE_CLASSES
@@ -52,6 +53,7 @@ class ProvisionRequest:
     count: int
     usage_class: str | None = None          # None: take any from the pool, create with the pool's default
     validation_timeout_s: float | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)   # cost tags while the run holds them (costtags.py)
 
 
 @dataclass
@@ -120,6 +122,7 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
         raise ConfigError(f"count {req.count} is not valid", hint="ask for at least 1 runner")
     if req.usage_class is not None and req.usage_class not in USAGE_CLASSES:
         raise ConfigError(f"usage class {req.usage_class!r} is not valid", hint="use spot or on-demand")
+    costtags.check(pool.config, req.tags)
     live = [r for r in store.run_records(pool, req.run_id) if r.state in LIVE_STATES]
     if live:
         raise ConfigError(
@@ -127,7 +130,22 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
             f"({', '.join(sorted({str(r.state) for r in live}))})",
             hint=f"release it first (`runner-pool release --pool {pool.name} --run-id {req.run_id}`) "
                  "or use a new run id")
+    _check_ceilings(pool, req)
     return req.usage_class or pool.config.usage_class
+
+
+def _check_ceilings(pool: Pool, req: ProvisionRequest) -> None:
+    """Fail fast, before any claim, when the runners this run would create cannot fit a ceiling.
+
+    Only when a ceiling applies (no extra call otherwise). The idle runners of the class are
+    what selection would claim instead of creating; the reservation before launch
+    (:func:`controlplane.ceilings.reserve`) is what races cannot pass.
+    """
+    cfg = pool.config
+    if cfg.max_instances is None and cfg.resource_class(req.resource_class).max_instances is None:
+        return
+    idle = 0 if cfg.is_ephemeral(req.resource_class) else store.count_idle(pool, req.resource_class)
+    ceilings.precheck(cfg, req.resource_class, req.count, idle)
 
 
 def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
@@ -171,8 +189,16 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
         missing = req.count - len(claimed)
         progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
         progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
-        cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched,
-                             registration=registration)
+        try:
+            cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock,
+                                 created_sink=touched, registration=registration, run_tags=req.tags)
+        except ceilings.CeilingReached as exc:
+            # Lost the race for the last slots after claiming: nothing was launched; give the claims
+            # back (and drop the unhealthy) before failing as the precheck would have.
+            res.reason = str(exc)
+            progress.phase(f"      {res.reason}")
+            _fail(pool, req, res, claimed, unhealthy, progress, clock, counter, token, started, gh, jit_runners)
+            raise CeilingAfterRollback(exc) from exc
         created = cr.members
         if ephemeral and created:
             jit_runners.update(_deliver_jit_configs(pool, gh, req.run_id, created))
@@ -216,7 +242,12 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
                                              clock, gh)
         res.ok = True
         res.instances = members
+        costtags.tag_claimed(pool.config, req.run_id, [m.instance_id for m in claimed], req.tags)
+        poolstats.record_provision(pool.config, req.resource_class, req.run_id, len(claimed), len(created),
+                                   clock.now())
         return _finish(res, counter, token, started, pool.config)
+    except CeilingAfterRollback as exc:
+        raise exc.error from None
     except BaseException as exc:
         cleanup = finalize.emergency(pool, req.run_id, touched, clock, gh)
         _delete_jit_runners(gh, jit_runners)
@@ -227,6 +258,16 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             exc.message += (f"; emergency cleanup terminated {len(cleanup.terminated)} instance(s)"
                             + (f", {len(cleanup.failed)} left for reconcile" if cleanup.failed else ""))
         raise
+
+
+class CeilingAfterRollback(Exception):
+    """Carries a :class:`~controlplane.ceilings.CeilingReached` past the emergency path: the
+    provision already rolled back what it claimed, and the pool's idle runners must not be
+    terminated as if they were this run's."""
+
+    def __init__(self, error: ceilings.CeilingReached) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _validation_reason(val: validation.ValidationResult, n: int, timeout: float) -> str:
