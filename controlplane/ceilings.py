@@ -26,11 +26,12 @@ it) is followed by ``ADD live :-1`` on both counters, conditional on
 
 **Correction.** A process that dies between a reservation and its rows, or
 between a ``terminated`` mark and its decrement, leaves a counter off.
-Reconcile corrects it (:func:`correct`): it reads each counter, then counts
-the live rows, and writes the count only if the counter's ``version`` is
-still the one it read (nobody reserved or released meanwhile) and the counter
-has not moved for :data:`SETTLE_S` (so no reservation is still waiting for
-its CreateFleet to return and its rows to be written).
+Reconcile corrects it (:func:`correct`): it reads the rows (its snapshot,
+taken at ``now``), then each counter, and sets a counter to the live rows'
+count only if the counter was last written before ``now - SETTLE_S`` (nothing
+reserved or released while the rows were read, and no reservation made before
+is still waiting for its CreateFleet to return and its rows to be written),
+conditional on the ``version`` it read (nothing since).
 
 **Fail fast.** :func:`precheck` runs before a provision claims anything: with
 the idle runners of the class (which the provision will claim rather than
@@ -235,7 +236,8 @@ def live_counts(records: list[InstanceRecord]) -> dict[str, int]:
 
 def correct(cfg: PoolConfig, before: dict[str, Counter], records: list[InstanceRecord], now: float,
             dry_run: bool = False) -> dict[str, tuple[int, int]]:
-    """Set counters that drifted to the live rows' count; ``before`` was read *before* ``records``.
+    """Set counters that drifted to the live rows' count; ``before`` was read after ``records``,
+    which were read from ``now`` on.
 
     Returns ``{sk: (was, now)}`` for each counter corrected (or, dry, that would be).
     """

@@ -16,8 +16,8 @@ over a snapshot, then an apply:
 * a **GitHub runner** of this pool whose instance is not live is removed;
 * a **ceiling counter** that drifted from the live rows (a process died
   between a reservation and its rows, or a mark and its decrement) is set to
-  their count, if nobody touched it since it was read and for
-  ``ceilings.SETTLE_S`` before (see :mod:`controlplane.ceilings`).
+  their count, if nobody touched it from ``ceilings.SETTLE_S`` before the
+  rows were read until the correction (see :mod:`controlplane.ceilings`).
 
 :func:`plan` does no I/O and is unit-tested on plain data; :func:`reconcile`
 takes the snapshot, plans, and applies unless ``dry_run``.
@@ -205,8 +205,8 @@ def reconcile(pool: Pool, dry_run: bool = False, github: GitHubClient | None = N
         except ConfigError:
             github = None                       # without a token, EC2 and the table are still reconciled
     progress.phase(f"reconcile {pool.name}: reading the table, EC2" + (" and GitHub" if github else ""))
-    counted = ceilings.read(pool.config, ceilings.counter_keys(pool.config))     # before the rows: see correct()
     snap = snapshot(pool, github, clock)
+    counted = ceilings.read(pool.config, ceilings.counter_keys(pool.config))     # see ceilings.correct()
     res = ReconcileResult(dry_run)
     res.checked = {"rows": len(snap.records), "instances": len(snap.instances)}
     if snap.runners is not None:
