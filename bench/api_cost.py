@@ -33,8 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
-
+import _harness as h
 
 COST_TAGS = {"repository": "octo-org/octo-repo", "team": "platform"}
 

@@ -52,7 +52,7 @@ from typing import Any
 from controlplane import aws
 from controlplane.clock import Deadline
 from controlplane.config import PoolConfig
-from controlplane.errors import AwsError, ConfigError
+from controlplane.errors import AwsError, ConditionFailed, ConfigError
 from controlplane.logs import event
 from controlplane.records import LIVE_STATES, InstanceRecord, num
 
@@ -102,10 +102,8 @@ def read(cfg: PoolConfig, sks: list[str]) -> dict[str, Counter]:
                                                 "ConsistentRead": True}}
     deadline = Deadline(READ_RETRY_S)
     while pending:
-        try:
+        with aws.mapped("dynamodb:BatchGetItem ceiling counters"):
             resp = ddb.batch_get_item(RequestItems=pending)
-        except Exception as exc:
-            raise aws.wrap(exc, "dynamodb:BatchGetItem ceiling counters") from exc
         for item in resp.get("Responses", {}).get(cfg.table_name, []):
             sk = item["sk"]["S"]
             out[sk] = Counter(sk, int(item.get("live", {}).get("N", "0")),
@@ -155,13 +153,12 @@ def _add(cfg: PoolConfig, sk: str, n: int, limit: int | None, now: float) -> boo
         values[":need"] = {"N": str(-n)}
         kwargs["ConditionExpression"] = "#l >= :need"
     try:
-        aws.client("dynamodb", cfg.region).update_item(
-            TableName=cfg.table_name, Key=_key(sk), UpdateExpression="ADD #l :n, #v :one SET #u = :now",
-            ExpressionAttributeNames=names, ExpressionAttributeValues=values, **kwargs)
-    except Exception as exc:
-        if aws.is_conditional_failure(exc):
-            return False
-        raise aws.wrap(exc, f"dynamodb:UpdateItem ceiling counter {sk}") from exc
+        with aws.mapped(f"dynamodb:UpdateItem ceiling counter {sk}"):
+            aws.client("dynamodb", cfg.region).update_item(
+                TableName=cfg.table_name, Key=_key(sk), UpdateExpression="ADD #l :n, #v :one SET #u = :now",
+                ExpressionAttributeNames=names, ExpressionAttributeValues=values, **kwargs)
+    except ConditionFailed:
+        return False
     return True
 
 
@@ -216,12 +213,15 @@ def count_terminated(table: str, region: str, resource_class: str, now: float) -
         names = {"#l": "live", "#v": "version", "#u": "updated_at"}
         values = {":n": {"N": "-1"}, ":one": {"N": "1"}, ":now": num(now)}
         try:
-            aws.client("dynamodb", region).update_item(
-                TableName=table, Key=_key(sk), UpdateExpression="ADD #l :n, #v :one SET #u = :now",
-                ConditionExpression="#l >= :one", ExpressionAttributeNames=names, ExpressionAttributeValues=values)
-        except Exception as exc:  # noqa: BLE001 - counted again by reconcile
-            if not aws.is_conditional_failure(exc):
-                event("ceiling.release_failed", table=table, counter=sk, error=str(exc))
+            with aws.mapped(f"dynamodb:UpdateItem ceiling counter {sk}"):
+                aws.client("dynamodb", region).update_item(
+                    TableName=table, Key=_key(sk), UpdateExpression="ADD #l :n, #v :one SET #u = :now",
+                    ConditionExpression="#l >= :one", ExpressionAttributeNames=names,
+                    ExpressionAttributeValues=values)
+        except ConditionFailed:
+            pass                                   # already 0: reconcile's count is the truth
+        except AwsError as exc:                    # counted again by reconcile
+            event("ceiling.release_failed", table=table, counter=sk, error=str(exc))
 
 
 def live_counts(records: list[InstanceRecord]) -> dict[str, int]:
@@ -258,14 +258,13 @@ def correct(cfg: PoolConfig, before: dict[str, Counter], records: list[InstanceR
         if c.version:
             values[":v"] = {"N": str(c.version)}
         try:
-            ddb.update_item(TableName=cfg.table_name, Key=_key(sk),
-                            UpdateExpression="SET #l = :want, #u = :now ADD #v :one", ConditionExpression=cond,
-                            ExpressionAttributeNames={"#l": "live", "#v": "version", "#u": "updated_at"},
-                            ExpressionAttributeValues=values)
-        except Exception as exc:
-            if aws.is_conditional_failure(exc):
-                continue                           # it moved meanwhile: the next reconcile looks again
-            raise aws.wrap(exc, f"dynamodb:UpdateItem ceiling counter {sk}") from exc
+            with aws.mapped(f"dynamodb:UpdateItem ceiling counter {sk}"):
+                ddb.update_item(TableName=cfg.table_name, Key=_key(sk),
+                                UpdateExpression="SET #l = :want, #u = :now ADD #v :one", ConditionExpression=cond,
+                                ExpressionAttributeNames={"#l": "live", "#v": "version", "#u": "updated_at"},
+                                ExpressionAttributeValues=values)
+        except ConditionFailed:
+            continue                               # it moved meanwhile: the next reconcile looks again
         fixed[sk] = (c.live, want)
     if fixed:
         event("ceiling.corrected", pool=cfg.name, counters={k: {"was": a, "now": b} for k, (a, b) in fixed.items()})

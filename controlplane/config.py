@@ -76,16 +76,24 @@ class Range(_Model):
         return self
 
 
+AcceleratorType = Literal["gpu", "fpga", "inference"]
+
+
+def _default_accelerators() -> list[AcceleratorType]:
+    return ["gpu"]
+
+
 class Accelerators(_Model):
     """Accelerator requirements (GPU/FPGA/inference), passed to InstanceRequirements."""
 
     count: Range = Field(description="number of accelerators")
-    types: list[Literal["gpu", "fpga", "inference"]] = Field(default_factory=lambda: ["gpu"])
+    types: list[AcceleratorType] = Field(default_factory=_default_accelerators)
     manufacturers: list[Literal["nvidia", "amd", "amazon-web-services", "xilinx"]] = Field(default_factory=list)
 
 
 WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WORKING_DAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri")
 CLOCK_TIME_RE = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 # EC2 tag keys: up to 128 characters of letters, digits, spaces and _ . : / = + - @
 TAG_KEY_RE = re.compile(r"^[A-Za-z0-9 _.:/=+\-@]{1,128}$")
@@ -95,7 +103,7 @@ class WarmSchedule(_Model):
     """When a class's ``min_idle`` applies: days and hours in a time zone; outside it the minimum is 0."""
 
     timezone: str = Field(default="UTC", description="IANA time zone of start and end, e.g. Europe/Berlin")
-    days: list[Weekday] = Field(default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"],
+    days: list[Weekday] = Field(default_factory=lambda: list(WORKING_DAYS),
                                 description="weekdays the window opens on (mon ... sun)")
     start: str = Field(default="08:00", pattern=CLOCK_TIME_RE, description="local time the window opens, HH:MM")
     end: str = Field(default="18:00", pattern=CLOCK_TIME_RE,

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 from controlplane import aws
 from controlplane.config import PoolConfig
-from controlplane.errors import ConfigError
+from controlplane.errors import AwsError, ConfigError
 from controlplane.logs import event
 
 RUN_ID_TAG = "runner-pool:run-id"
@@ -84,10 +84,11 @@ def tag_claimed(cfg: PoolConfig, run_id: str, instance_ids: list[str], tags: Map
     ec2 = aws.client("ec2", cfg.region)
     want = [{"Key": k, "Value": v} for k, v in run_tags(run_id, tags).items()]
     try:
-        for chunk in aws.chunks(sorted(instance_ids), TAG_CALL_IDS):
-            ec2.create_tags(Resources=chunk, Tags=want)
-    except Exception as exc:  # noqa: BLE001 - attribution only: the run keeps its runners
-        event("costtags.tag_failed", run_id=run_id, instance_ids=instance_ids, error=str(aws.wrap(exc, "ec2:CreateTags")))
+        with aws.mapped("ec2:CreateTags"):
+            for chunk in aws.chunks(sorted(instance_ids), TAG_CALL_IDS):
+                ec2.create_tags(Resources=chunk, Tags=want)
+    except AwsError as exc:                        # attribution only: the run keeps its runners
+        event("costtags.tag_failed", run_id=run_id, instance_ids=instance_ids, error=str(exc))
         return False
     event("costtags.tagged", run_id=run_id, instance_ids=sorted(instance_ids), keys=sorted(run_tags(run_id, tags)))
     return True
@@ -100,11 +101,11 @@ def untag(cfg: PoolConfig, run_id: str, instance_ids: list[str]) -> bool:
     ec2 = aws.client("ec2", cfg.region)
     keys = [{"Key": k} for k in tag_keys(cfg)]
     try:
-        for chunk in aws.chunks(sorted(instance_ids), TAG_CALL_IDS):
-            ec2.delete_tags(Resources=chunk, Tags=keys)
-    except Exception as exc:  # noqa: BLE001 - attribution only: the runners are back in the pool
-        event("costtags.untag_failed", run_id=run_id, instance_ids=instance_ids,
-              error=str(aws.wrap(exc, "ec2:DeleteTags")))
+        with aws.mapped("ec2:DeleteTags"):
+            for chunk in aws.chunks(sorted(instance_ids), TAG_CALL_IDS):
+                ec2.delete_tags(Resources=chunk, Tags=keys)
+    except AwsError as exc:                        # attribution only: the runners go back all the same
+        event("costtags.untag_failed", run_id=run_id, instance_ids=instance_ids, error=str(exc))
         return False
     event("costtags.untagged", run_id=run_id, instance_ids=sorted(instance_ids))
     return True

@@ -21,6 +21,7 @@ from typing import Any
 
 from controlplane import aws
 from controlplane.config import PoolConfig
+from controlplane.errors import AwsError
 from controlplane.logs import event
 from controlplane.records import num
 
@@ -45,23 +46,22 @@ def record_provision(cfg: PoolConfig, resource_class: str, run_id: str, from_poo
                      now: float) -> None:
     """Best effort: a provision that got its runners, for the hit rate (status only)."""
     try:
-        aws.client("dynamodb", cfg.region).put_item(TableName=cfg.table_name, Item={
-            "pk": {"S": PROVISIONS_PK}, "sk": {"S": f"{resource_class}#{int(now * 1000):015d}#{run_id}"},
-            "from_pool": {"N": str(from_pool)}, "created": {"N": str(created)}, "at": num(now),
-            "expires_at": num(now + HISTORY_RETENTION_S)})
-    except Exception as exc:  # noqa: BLE001 - the run has its runners; only status loses a data point
-        event("poolstats.record_failed", run_id=run_id, error=str(aws.wrap(exc, "dynamodb:PutItem")))
+        with aws.mapped("dynamodb:PutItem provision history"):
+            aws.client("dynamodb", cfg.region).put_item(TableName=cfg.table_name, Item={
+                "pk": {"S": PROVISIONS_PK}, "sk": {"S": f"{resource_class}#{int(now * 1000):015d}#{run_id}"},
+                "from_pool": {"N": str(from_pool)}, "created": {"N": str(created)}, "at": num(now),
+                "expires_at": num(now + HISTORY_RETENTION_S)})
+    except AwsError as exc:                        # the run has its runners; only status loses a data point
+        event("poolstats.record_failed", run_id=run_id, error=str(exc))
 
 
 def hit_rate(cfg: PoolConfig, resource_class: str, window: int = HIT_RATE_WINDOW) -> HitRate:
     """The class's last ``window`` provisions (one Query, newest first)."""
     ddb = aws.client("dynamodb", cfg.region)
-    try:
+    with aws.mapped("dynamodb:Query provision history"):
         resp = ddb.query(TableName=cfg.table_name, KeyConditionExpression="pk = :p AND begins_with(sk, :c)",
                          ExpressionAttributeValues={":p": {"S": PROVISIONS_PK}, ":c": {"S": f"{resource_class}#"}},
                          ScanIndexForward=False, Limit=window, ConsistentRead=True)
-    except Exception as exc:
-        raise aws.wrap(exc, "dynamodb:Query provision history") from exc
     items: list[dict[str, Any]] = resp.get("Items", [])
     return HitRate(len(items), sum(int(i["from_pool"]["N"]) for i in items),
                    sum(int(i["created"]["N"]) for i in items))

@@ -73,7 +73,7 @@ class PoolStatus:
                          *[str(c.by_state.get(s.value, 0)) for s in CLASS_STATES], warm, ceiling, inter, hit])
         widths = [max(len(r[i]) for r in [["class", *heads], *rows]) for i in range(len(heads) + 1)]
         for r in [["class", *heads], *rows]:
-            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
         for cls, d in sorted(self.queues.items()):
             lines.append(f"  queue {cls}: {d['visible']} waiting, {d['in_flight']} in flight")
         live = [i for i in self.instances if i["state"] != "terminated"]
@@ -103,7 +103,7 @@ def pool_status(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> PoolStatus:
             "id": r.instance_id, "state": r.state.value, "run_id": r.run_id, "resource_class": r.resource_class,
             "instance_type": r.instance_type, "subnet": r.subnet_id, "usage_class": r.usage_class,
             "reuse_count": r.reuse_count, "threshold_in_s": round(r.threshold - now, 1),
-            "heartbeat_age_s": round(a.heartbeat_age(now), 1) if a and a.heartbeat_age(now) is not None else None,
+            "heartbeat_age_s": round(age, 1) if a and (age := a.heartbeat_age(now)) is not None else None,
             "signal": str(a.signal) if a and a.signal else None,
         })
     counters = ceilings.read(cfg, ceilings.counter_keys(cfg, list(per_class)))

@@ -156,8 +156,7 @@ def _promote(pool: Pool, rows: list[InstanceRecord], clock: Clock) -> list[str]:
             ready.append(r)
 
     def one(r: InstanceRecord) -> InstanceRecord | None:
-        t = transition(pool.table, pool.region, r.arn, from_=State.CREATED, to=State.IDLE, run_id=None,
-                       threshold=now + cfg.idle_time_s, now=now)
+        t = transition(pool, r.instance_id, from_=State.CREATED, to=State.IDLE, expect_run=None, now=now)
         return t.record if t.won else None
 
     won = [r for r in aws.parallel(one, ready) if r is not None]
@@ -212,8 +211,8 @@ def hold_minimum(pool: Pool, expired_idle: list[InstanceRecord], now: float) -> 
         candidates = sorted((r for r in expired_idle if r.resource_class == cls and r.launched_at > lifetime_cut),
                             key=lambda r: -r.launched_at)
         keep += candidates[:need]
-    kept = [r for r, ok in zip(keep, aws.parallel(
-        lambda r: store.extend_idle(pool, r, now + cfg.idle_time_s, now), keep)) if ok]
+    extended = aws.parallel(lambda r: store.extend_idle(pool, r, now + cfg.idle_time_s, now), keep)
+    kept = [r for r, ok in zip(keep, extended, strict=True) if ok]
     if kept:
         event("warm.held", pool=cfg.name, instance_ids=[r.instance_id for r in kept])
     held = {r.instance_id for r in kept}
