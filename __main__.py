@@ -11,7 +11,7 @@
   the table, so ``destroy`` removes the table last (its delete terminates
   whatever instances the pool still has).
 * **run** (``runner-pool:poolStack``, or ``poolName`` + ``region``;
-  ``runId``, ``resourceClass``, ``count``, optional ``usageClass``): one
+  ``runId``, ``resourceClass``, ``count``, optional ``usageClass`` and ``tags``): one
   ``RunnerFleet``. ``up`` provisions, ``destroy`` releases.
 
 Bad config stops the program before any resource is registered, with one
@@ -213,6 +213,11 @@ def run_stack(cfg: pulumi.Config) -> None:
     if not inputs.usage_class_ok(usage_class):
         problems.add("usageClass", f"{usage_class!r} is not a usage class",
                      f"use one of {', '.join(USAGE_CLASSES)}, or leave it unset")
+    tags = cfg.get_object("tags")          # cost tags while the run holds its runners (docs/configuration.md)
+    if tags is not None and (not isinstance(tags, dict)
+                             or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())):
+        problems.add("tags", f"{tags!r} is not a mapping of strings",
+                     "set it like `pulumi config set --path 'tags.team' platform`")
     problems.raise_if_any()
 
     pool_name_in: pulumi.Input[str]
@@ -226,7 +231,7 @@ def run_stack(cfg: pulumi.Config) -> None:
     assert run_id is not None and resource_class is not None and count is not None
     fleet = RunnerFleet("fleet", RunnerFleetArgs(pool_name=pool_name_in, region=region_in, run_id=run_id,
                                                  resource_class=resource_class, count=count,
-                                                 usage_class=usage_class))
+                                                 usage_class=usage_class, tags=tags))
     pulumi.export("label", fleet.label)
     pulumi.export("instanceIds", fleet.instanceIds)
     pulumi.export("count", fleet.count.apply(_whole))

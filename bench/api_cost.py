@@ -16,6 +16,11 @@ Cases, each repeated ``--repeats`` times on the embedded default:
   calls: spot, then on-demand);
 * the **release** of the warm runs.
 
+Every provision passes two cost tags (``repository``, ``team``): EC2 calls per
+runner other than CreateFleet are what cost tags add (one CreateTags per warm
+provision, one DeleteTags per release; created instances are tagged by
+CreateFleet itself), reported as "EC2 besides CreateFleet / runner".
+
     PYTHONPATH=. python bench/api_cost.py [--count 10] [--repeats 5]
 """
 from __future__ import annotations
@@ -29,6 +34,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
+
+COST_TAGS = {"repository": "octo-org/octo-repo", "team": "platform"}
+
+
+def ec2_besides_fleet(calls: dict[str, int]) -> int:
+    return sum(v for k, v in calls.items() if k.startswith("ec2.") and k != "ec2.CreateFleet")
 
 
 def per_runner(calls: dict[str, int], n: int, services: tuple[str, ...] = ("dynamodb", "sqs")) -> float:
@@ -49,6 +60,8 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
     total_per: list[float] = []
     fleets: list[int] = []
     rel_per: list[float] = []
+    ec2_per: list[float] = []
+    rel_ec2_per: list[float] = []
     gh_per: list[float] = []
     gh_rel_per: list[float] = []
     ops: Counter[str] = Counter()
@@ -61,13 +74,15 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
             loc.capacity(lifecycle="spot", available=0, count=1)
         gh_before = github_api_calls(loc)
         res = provision(pool, ProvisionRequest(h.run_id(kind), "small", n,
-                                               "spot" if kind == "spot_fallback" else None))
+                                               "spot" if kind == "spot_fallback" else None,
+                                               tags=COST_TAGS))
         gh_per.append((github_api_calls(loc) - gh_before) / n)
         if not res.ok:
             raise SystemExit(f"{kind}: provision failed: {res.reason}")
         if kind == "warm" and res.from_pool != n or kind != "warm" and res.created != n:
             raise SystemExit(f"{kind}: {res.from_pool} from the pool, {res.created} created")
         per.append(per_runner(res.api_calls_by_op, n))
+        ec2_per.append(ec2_besides_fleet(res.api_calls_by_op) / n)
         total_per.append(sum(res.api_calls_by_op.values()) / n)
         fleets.append(res.fleet_calls)
         ops.update(res.api_calls_by_op)
@@ -75,6 +90,7 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
         rel = release(pool, res.run_id)
         gh_rel_per.append((github_api_calls(loc) - gh_before) / n)
         rel_per.append(sum(v for k, v in rel.api_calls.items() if k in ("dynamodb", "sqs")) / n)
+        rel_ec2_per.append(rel.api_calls.get("ec2", 0) / n)
         if kind != "warm":                          # keep every repeat cold: drop what was just returned
             loc.destroy_pools()
             pool = loc.pool(spot_fallback=True)
@@ -86,6 +102,7 @@ def case(loc: h.Local, kind: str, n: int, repeats: int) -> dict[str, Any]:
             "create_fleet_per_provision": h.summary([float(f) for f in fleets]),
             "release_dynamodb_sqs_per_runner": h.summary(rel_per),
             "github_per_runner": h.summary(gh_per), "release_github_per_runner": h.summary(gh_rel_per),
+            "ec2_besides_fleet_per_runner": h.summary(ec2_per), "release_ec2_per_runner": h.summary(rel_ec2_per),
             "calls_by_operation_per_provision": {k: round(v / repeats, 2) for k, v in sorted(ops.items())}}
 
 
@@ -99,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     path = h.write_result("api_cost", {"count": args.count, "repeats": args.repeats, "result": result})
     rows = [[kind, f"{r['dynamodb_sqs_per_runner']['median']:.2f}", f"{r['all_calls_per_runner']['median']:.2f}",
              f"{r['create_fleet_per_provision']['median']:.0f}", f"{r['release_dynamodb_sqs_per_runner']['median']:.2f}",
-             f"{r['github_per_runner']['median']:.2f}", f"{r['release_github_per_runner']['median']:.2f}"]
+             f"{r['github_per_runner']['median']:.2f}", f"{r['release_github_per_runner']['median']:.2f}",
+             f"{r['ec2_besides_fleet_per_runner']['median']:.2f}", f"{r['release_ec2_per_runner']['median']:.2f}"]
             for kind, r in result.items()]
     print(h.table([f"N={args.count}", "DynamoDB+SQS calls / runner", "all calls / runner",
                    "CreateFleet / provision", "release DynamoDB+SQS / runner", "GitHub API / runner",
-                   "release GitHub API / runner"], rows))
+                   "release GitHub API / runner", "EC2 besides CreateFleet / runner", "release EC2 / runner"], rows))
     for kind, r in result.items():
         print(f"\n{kind}, calls per provision: " + ", ".join(
             f"{k} {v:g}" for k, v in r["calls_by_operation_per_provision"].items()))

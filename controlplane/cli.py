@@ -348,9 +348,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     run_id = _check_run_id(args.run_id)
     inputs.check_count(args.count, "--count")
+    from controlplane.costtags import parse_cli
+
+    tags = parse_cli(args.tag or [])
     p = _pool(args)
     req = ProvisionRequest(run_id=run_id, resource_class=args.resource_class, count=args.count,
-                           usage_class=args.usage_class)
+                           usage_class=args.usage_class, tags=tags)
     result = provision(p, req, progress=Progress(not args.json))
     _emit(args, result.to_dict(), lambda: print(result.summary()))
     return 0 if result.ok else 1
@@ -469,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resource-class", required=True)
     p.add_argument("--count", type=_whole_number, default=1)
     p.add_argument("--usage-class", **_choice("spot", "on-demand"), default=None)
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                   help="cost tag on the run's instances while it holds them (a key of the pool's "
+                        "run_tag_keys: repository, workflow, team by default); repeatable")
 
     p = add("release", cmd_release, "give a run's runners back to the pool")
     pool_args(p)
@@ -481,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool_args(p)
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
 
-    p = add("status", cmd_status, "instances of a pool by state, queue depths")
+    p = add("status", cmd_status, "per class: instances by state, warm minimum, ceiling, interruptions, "
+                                  "pool hit rate; queue depths and instances")
     pool_args(p)
 
     p = sub.add_parser("iam", help="print the IAM policies of a pool as JSON (docs/security.md)",

@@ -96,6 +96,66 @@ class Accelerators(_Model):
     manufacturers: list[Literal["nvidia", "amd", "amazon-web-services", "xilinx"]] = Field(default_factory=list)
 
 
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WORKING_DAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri")
+CLOCK_TIME_RE = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+# EC2 tag keys: up to 128 characters of letters, digits, spaces and _ . : / = + - @
+TAG_KEY_RE = re.compile(r"^[A-Za-z0-9 _.:/=+\-@]{1,128}$")
+
+
+class WarmSchedule(_Model):
+    """When a class's ``min_idle`` applies: days and hours in a time zone; outside it the minimum is 0."""
+
+    timezone: str = Field(default="UTC", description="IANA time zone of start and end, e.g. Europe/Berlin")
+    days: list[Weekday] = Field(default_factory=lambda: list(WORKING_DAYS),
+                                description="weekdays the window opens on (mon ... sun)")
+    start: str = Field(default="08:00", pattern=CLOCK_TIME_RE, description="local time the window opens, HH:MM")
+    end: str = Field(default="18:00", pattern=CLOCK_TIME_RE,
+                     description="local time it closes, HH:MM (before start: the window ends the next day)")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as UTC or Europe/Berlin") from None
+        return v
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one day is required, e.g. [mon, tue, wed, thu, fri]")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> WarmSchedule:
+        if self.start == self.end:
+            raise ValueError(f"start and end are both {self.start}: the window would be empty")
+        return self
+
+    def is_open(self, epoch_s: float) -> bool:
+        """Whether ``epoch_s`` falls in a window (one opening on a listed day, at ``start``)."""
+        from datetime import datetime, timedelta
+        from zoneinfo import ZoneInfo
+
+        local = datetime.fromtimestamp(epoch_s, ZoneInfo(self.timezone))
+        start = tuple(int(x) for x in self.start.split(":"))
+        end = tuple(int(x) for x in self.end.split(":"))
+        now = (local.hour, local.minute)
+        if start < end:
+            return WEEKDAYS[local.weekday()] in self.days and start <= now < end
+        # overnight window: open from start on a listed day until end the day after
+        if now >= start:
+            return WEEKDAYS[local.weekday()] in self.days
+        yesterday = (local - timedelta(days=1)).weekday()
+        return now < end and WEEKDAYS[yesterday] in self.days
+
+
 class ResourceClass(_Model):
     """What a runner of this class needs; EC2 picks any instance type that fits."""
 
@@ -109,6 +169,29 @@ class ResourceClass(_Model):
     accelerators: Accelerators | None = Field(default=None, description="optional accelerator requirements")
     ephemeral: bool | None = Field(
         default=None, description="one job per instance, never reused (just-in-time runners); unset: the pool's")
+    # -- pool controls: warm minimum and ceiling (docs/configuration.md "Pool controls")
+    min_idle: int = Field(default=0, ge=0, le=1000,
+                          description="warm minimum: refresh keeps at least this many idle runners of the class")
+    min_idle_schedule: WarmSchedule | None = Field(
+        default=None, description="when min_idle applies (days, hours, time zone); outside it the minimum is 0; "
+                                  "unset: always")
+    max_instances: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="ceiling: live instances of the class (idle, claimed, running, ...); a provision that "
+                    "would pass it fails before any claim or launch")
+
+    @model_validator(mode="after")
+    def _warm_under_ceiling(self) -> ResourceClass:
+        if self.max_instances is not None and self.min_idle > self.max_instances:
+            raise ValueError(f"min_idle ({self.min_idle}) must be <= max_instances ({self.max_instances})")
+        return self
+
+    def min_idle_at(self, epoch_s: float) -> int:
+        """The warm minimum in force at ``epoch_s`` (0 outside the schedule's window)."""
+        if self.min_idle and self.min_idle_schedule is not None and not self.min_idle_schedule.is_open(epoch_s):
+            return 0
+        return self.min_idle
+
     # -- the stopped tier and the class's own image (issue 17 part B) --
     stopped_time_s: int | None = Field(
         default=None, ge=60, le=30 * 86400,
@@ -247,6 +330,14 @@ class PoolConfig(_Model):
     token_refresh_margin_s: int = Field(default=1800, ge=60, le=3300,
                                         description="rotate runner tokens when less than this is left of their 1 h")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags on instances and fleets")
+    # -- pool controls: pool-wide ceiling, cost tags (docs/configuration.md "Pool controls")
+    max_instances: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="ceiling: live instances of the whole pool, every class together")
+    run_tag_keys: list[str] = Field(
+        default_factory=lambda: ["repository", "workflow", "team"],
+        description="cost tags: keys a provision may set (--tag KEY=VALUE) on its instances while they serve "
+                    "its run; release removes them")
     pre_runner_script: str = Field(default="", description="bash run on each instance before the agent waits")
     runner_sudo: bool = Field(default=False, description="give the runner user (and so every job) passwordless "
                                                         "sudo, and with it the instance's identity")
@@ -292,6 +383,33 @@ class PoolConfig(_Model):
         if bad:
             raise ValueError(f"tag keys {bad} are reserved (aws:, runner-pool:)")
         return v
+
+    @field_validator("run_tag_keys")
+    @classmethod
+    def _run_tag_keys(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if not TAG_KEY_RE.match(k)]
+        if bad:
+            raise ValueError(f"invalid tag key(s) {bad}: 1-128 letters, digits, spaces and _ . : / = + - @")
+        reserved = [k for k in v if k.lower().startswith(("aws:", "runner-pool:"))]
+        if reserved:
+            raise ValueError(f"tag keys {reserved} are reserved (aws:, runner-pool:)")
+        if len(v) > 40:
+            raise ValueError("at most 40 keys (EC2 allows 50 tags per resource; the pool's own use the rest)")
+        if len(set(v)) != len(v):
+            raise ValueError("tag keys must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _controls(self) -> PoolConfig:
+        for name, rc in self.resource_classes.items():
+            if rc.min_idle and self.is_ephemeral(name):
+                raise ValueError(f"resource_classes.{name}.min_idle: an ephemeral class is never reused, so "
+                                 "it keeps no idle runners (set min_idle to 0 or ephemeral to false)")
+        warm = sum(rc.min_idle for rc in self.resource_classes.values())
+        if self.max_instances is not None and warm > self.max_instances:
+            raise ValueError(f"max_instances ({self.max_instances}) is below the classes' min_idle together "
+                             f"({warm})")
+        return self
 
     @model_validator(mode="after")
     def _timings(self) -> PoolConfig:
@@ -421,7 +539,11 @@ def _field_description(loc: tuple[Any, ...]) -> str:
     """The description of the field at ``loc`` (aliases or names), walking nested models."""
     model: Any = PoolConfig
     desc = ""
+    skip = False
     for part in loc:
+        if skip:                  # a dict key or list index between a field and its model
+            skip = False
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             model = None
             continue
@@ -431,6 +553,7 @@ def _field_description(loc: tuple[Any, ...]) -> str:
             return desc
         desc = field.description or ""
         ann = field.annotation
+        skip = get_origin(ann) in (dict, list)
         args = getattr(ann, "__args__", ()) or ()
         model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None and args:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from controlplane import costtags
 from controlplane.config import PoolConfig
 from controlplane.ownership import OWNER_TAG
 from controlplane.records import AGENT_ATTRIBUTES, KEY_ATTRIBUTES
@@ -143,15 +144,14 @@ def control_plane_policy(cfg: PoolConfig, account: str, partition: str,
                 "dynamodb:DescribeContinuousBackups", "dynamodb:UpdateContinuousBackups",
                 "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem",
                 "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem", "dynamodb:Scan",
-                "dynamodb:Query",                 # the table itself: spot interruptions per class
             ],
             "Resource": [table],
         },
         {
-            "Sid": "StateTableIndexes",
+            "Sid": "StateTableIndexes",           # and the table itself: provision history, spot interruptions
             "Effect": "Allow",
             "Action": ["dynamodb:Query"],
-            "Resource": [f"{table}/index/*"],
+            "Resource": [table, f"{table}/index/*"],
         },
         {
             "Sid": "PoolQueues",                  # the configured classes' queues and dead-letter queues
@@ -242,6 +242,18 @@ def control_plane_policy(cfg: PoolConfig, account: str, partition: str,
             "Resource": [f"{own}:launch-template/*"],
             "Condition": {"StringEquals": resource_tag,
                           "ForAllValues:StringEquals": {"aws:TagKeys": [OWNER_TAG]}},
+        },
+        {
+            # Cost tags (controlplane/costtags.py): a run's tags onto the pool instances it claimed, off
+            # again on release; only those keys (never runner-pool:pool), and DeleteTags must name its
+            # keys: without any it would remove every tag, and ForAllValues holds for no keys at all.
+            "Sid": "RunTagsOnPoolInstances",
+            "Effect": "Allow",
+            "Action": ["ec2:CreateTags", "ec2:DeleteTags"],
+            "Resource": [f"{own}:instance/*"],
+            "Condition": {"StringEquals": resource_tag,
+                          "ForAllValues:StringEquals": {"aws:TagKeys": costtags.tag_keys(cfg)},
+                          "Null": {"aws:TagKeys": "false"}},
         },
         {
             "Sid": "TerminatePoolInstances",

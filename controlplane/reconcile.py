@@ -13,7 +13,11 @@ over a snapshot, then an apply:
   simply does not list its instance: EC2 is eventually consistent, and right
   after CreateFleet an instance may not be listed yet. One listed as
   ``shutting-down``/``terminated`` is gone whatever its age;
-* a **GitHub runner** of this pool whose instance is not live is removed.
+* a **GitHub runner** of this pool whose instance is not live is removed;
+* a **ceiling counter** that drifted from the live rows (a process died
+  between a reservation and its rows, or a mark and its decrement) is set to
+  their count, if nobody touched it from ``ceilings.SETTLE_S`` before the
+  rows were read until the correction (see :mod:`controlplane.ceilings`).
 
 :func:`plan` does no I/O and is unit-tested on plain data; :func:`reconcile`
 takes the snapshot, plans, and applies unless ``dry_run``.
@@ -24,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, store, termination
+from controlplane import aws, ceilings, store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.errors import ConfigError
 from controlplane.github import GitHubClient, GitHubRunner, github_client_for
@@ -71,6 +75,7 @@ class ReconcileResult:
     actions: list[Action] = field(default_factory=list)
     applied: list[Action] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    ceilings: dict[str, list[int]] = field(default_factory=dict)      # counter -> [was, set to]
 
     def by_kind(self, actions: list[Action]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -81,18 +86,21 @@ class ReconcileResult:
     def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "checked": self.checked, "found": self.by_kind(self.actions),
                 "fixed": self.by_kind(self.applied), "failed": self.failed,
-                "actions": [a.__dict__ for a in self.actions]}
+                "actions": [a.__dict__ for a in self.actions], "ceilings": self.ceilings}
 
     def summary(self) -> str:
         c = self.checked
         head = (f"reconcile checked {c.get('rows', 0)} row(s), {c.get('instances', 0)} instance(s), "
                 + (f"{c['runners']} GitHub runner(s)" if "runners" in c else "GitHub not checked (no token)"))
+        counters = [f"  ceiling counter  {k:<22} counted {a}, {b} live" + ("" if self.dry_run else ": set to " + str(b))
+                    for k, (a, b) in sorted(self.ceilings.items())]
         if not self.actions:
-            return head + ": no drift"
+            return "\n".join([head + ": no drift", *counters])
         lines = [head + f": {len(self.actions)} problem(s)" + (" (dry run, nothing changed)" if self.dry_run else "")]
         for a in self.actions:
             done = "" if self.dry_run else (" fixed" if a in self.applied else " NOT fixed")
             lines.append(f"  {a.kind:<18} {a.target:<22} {a.reason}{done}")
+        lines += counters
         return "\n".join(lines)
 
 
@@ -182,6 +190,7 @@ def reconcile(pool: Pool, dry_run: bool = False, github: GitHubClient | None = N
             github = None                       # without a token, EC2 and the table are still reconciled
     progress.phase(f"reconcile {pool.name}: reading the table, EC2" + (" and GitHub" if github else ""))
     snap = snapshot(pool, github, clock)
+    counted = ceilings.read(pool.config, ceilings.counter_keys(pool.config))     # see ceilings.correct()
     res = ReconcileResult(dry_run)
     res.checked = {"rows": len(snap.records), "instances": len(snap.instances)}
     if snap.runners is not None:
@@ -189,6 +198,8 @@ def reconcile(pool: Pool, dry_run: bool = False, github: GitHubClient | None = N
     res.actions = plan(snap)
     if res.actions and not dry_run:
         res.applied, res.failed = apply(pool, res.actions, github, clock)
+    res.ceilings = {k: [a, b] for k, (a, b) in
+                    ceilings.correct(pool.config, counted, snap.records, snap.now, dry_run).items()}
     event("reconcile.done", pool=pool.name, dry_run=dry_run, found=res.by_kind(res.actions),
           fixed=res.by_kind(res.applied), failed=res.failed,
           instance_ids=[a.target for a in res.actions if a.kind != "delete_runner"])

@@ -19,7 +19,10 @@ In order, each step idempotent:
    then their instances terminated, then their agent rows removed (the state
    row expires through TTL); instances whose agent signalled a spot
    interruption are terminated and counted for the class's breaker;
-6. **reconcile** (see :mod:`controlplane.reconcile`).
+6. **reconcile** (see :mod:`controlplane.reconcile`);
+7. **warm minimum** (see :mod:`controlplane.warm`): each class topped up to its
+   ``min_idle`` in force with one CreateFleet; expiry (5) already kept the idle
+   rows the minimum needs.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any
 
 from controlplane import aws, interruptions, launch_template, stopped_tier, store, termination, token
 from controlplane import pool as pool_q
+from controlplane import warm as warm_pool
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import PoolConfig
 from controlplane.github import GitHubClient, github_client_for
@@ -59,6 +63,7 @@ class RefreshResult:
     stopped: list[str] = field(default_factory=list)         # idle runners parked in the stopped tier
     interrupted: list[str] = field(default_factory=list)     # terminated after a spot interruption notice
     reconcile: ReconcileResult | None = None
+    warm: warm_pool.WarmResult | None = None
     failed: list[str] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -67,9 +72,10 @@ class RefreshResult:
         return not self.failed and (self.reconcile is None or not self.reconcile.failed)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "reconcile"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("reconcile", "warm")}
         d["ok"] = self.ok
         d["reconcile"] = self.reconcile.to_dict() if self.reconcile else None
+        d["warm"] = self.warm.to_dict() if self.warm else None
         return d
 
     def summary(self) -> str:
@@ -83,6 +89,8 @@ class RefreshResult:
                  + (f", {len(self.interrupted)} interrupted instance(s) terminated" if self.interrupted else "")]
         if self.reconcile is not None:
             lines.append(self.reconcile.summary())
+        if self.warm is not None and self.warm.targets:
+            lines.append(self.warm.summary())
         if self.failed:
             lines.append("failed: " + "; ".join(self.failed))
         return "\n".join(lines)
@@ -99,12 +107,12 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     res = RefreshResult(cfg.name)
     store.ensure_table(cfg)
 
-    progress.phase("[1/5] launch template")
+    progress.phase("[1/6] launch template")
     lt = launch_template.ensure(cfg)
     res.launch_template_version, res.launch_template_changed = lt.default_version, lt.changed
     res.versions_pruned = list(lt.pruned)
 
-    progress.phase("[2/5] queues")
+    progress.phase("[2/6] queues")
     urls = pool_q.ensure_queues(cfg)
     res.queues = sorted(urls)
     for cls, url in sorted(pool_q.pool_queues(cfg).items()):
@@ -116,11 +124,11 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     store.save_pool(pool, extra={"queues": urls, "launch_template": {"id": lt.template_id,
                                                                      "version": lt.default_version}})
 
-    progress.phase("[3/5] runner tokens")
+    progress.phase("[3/6] runner tokens")
     tokens, res.tokens_rotated = token.ensure_tokens(cfg, github, now=clock.now())
     res.tokens_expire_at = tokens.expires_at
 
-    progress.phase("[4/5] expired instances")
+    progress.phase("[4/6] expired instances")
     parked = stopped_tier.park_expired(pool, clock)
     res.stopped = parked.stopped
     res.terminated += parked.terminated
@@ -130,8 +138,12 @@ def refresh(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progr
     res.terminated += res.interrupted
 
     if run_reconcile:
-        progress.phase("[5/5] reconcile")
+        progress.phase("[5/6] reconcile")
         res.reconcile = reconcile(pool, github=github, clock=clock)
+    if warm_pool.wants_warm(pool):
+        progress.phase("[6/6] warm minimum")
+        res.warm = warm_pool.top_up(pool, clock, progress, exclude=set(res.terminated))
+        res.failed += res.warm.failed
     res.duration_s = round(time.monotonic() - started, 3)
     event("refresh.done", pool=cfg.name, lt_version=res.launch_template_version, lt_changed=lt.changed,
           classes_removed=res.classes_removed, tokens_rotated=res.tokens_rotated, expired=res.expired,
@@ -146,7 +158,10 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
     doomed: list[Doomed] = []
     seen: set[tuple[str, State]] = set()
     for state in EXPIRING_STATES:
-        for r in store.records_in_state(pool, state, threshold_before=now):
+        rows = store.records_in_state(pool, state, threshold_before=now)
+        if state is State.IDLE:
+            rows = warm_pool.hold_minimum(pool, rows, now)       # idle above the warm minimum expires
+        for r in rows:
             doomed.append(Doomed(r.instance_id, state, r.run_id, "expired"))
             seen.add((r.instance_id, state))
             out.setdefault(state.value, []).append(r.instance_id)

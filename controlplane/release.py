@@ -4,7 +4,8 @@ For every instance of the run: clear the run from its row (``-> draining``),
 wait until its agent signals that it stopped the runner and wiped its
 credentials, delete the runner on GitHub (REST API, by the id the agent
 reported), then put it back to ``idle`` with a fresh idle threshold and
-requeue it in its class's queue. An instance is terminated instead when its
+requeue it in its class's queue; the run's cost tags
+(:mod:`controlplane.costtags`) come off before anything is requeued. An instance is terminated instead when its
 agent does not confirm in time (or is dead: no fresh heartbeat), when it has
 served ``max_reuse`` runs, is older than ``max_lifetime_s``, its class is no
 longer configured, or its class is ephemeral (one run per instance).
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store, termination
+from controlplane import aws, costtags, metrics, store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.drain import return_to_pool
 from controlplane.github import GitHubClient, github_client_for
@@ -109,6 +110,8 @@ def _release(pool: Pool, run_id: str, res: ReleaseResult, progress: Progress, cl
     progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
     unvalidated = [Doomed(r.instance_id, State.CREATED, run_id) for r in created]
     cleanup = termination.retire(pool, unvalidated, clock, gh)
+    # Before any of them is requeued: once in the queue, the next run may claim and tag it.
+    costtags.untag(cfg, run_id, [r.instance_id for r in active])
     cleanup.merge(return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
                                  retire=why_retire, github=gh))
     res.returned_to_pool, res.terminated, res.failed = (cleanup.returned_to_pool, cleanup.terminated,

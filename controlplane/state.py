@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from controlplane import aws
+from controlplane import aws, ceilings
 from controlplane.records import REGISTRATION_ATTRIBUTES, STATE_SK, InstanceRecord, State, num
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # (from, to): why the edge exists. Anything not listed is refused before any call.
 TRANSITIONS: dict[tuple[State, State], str] = {
     (State.CREATED, State.RUNNING): "validation passed for a created instance: commit it to its run",
+    (State.CREATED, State.IDLE): "warm top-up: an instance refresh created for no run is up; into the pool",
     (State.IDLE, State.CLAIMED): "a provision claims an idle runner from the pool (one winner)",
     (State.CLAIMED, State.RUNNING): "validation passed for a claimed instance: commit it to its run",
     (State.CLAIMED, State.DRAINING): "provision rolled back: clear the run, wait for the agent to deregister",
@@ -159,9 +160,16 @@ def transition(
     except aws.ConditionFailed as exc:
         current = InstanceRecord.from_item(exc.item) if exc.item else None
         if current is not None and _landed_already(current, to, expect_run, set_run, now):
-            return Transition(True, current)
+            return _won(pool, to, current, now)
         return Transition(False, current, _why_lost(current, from_, expect_run, now, when))
-    return Transition(True, InstanceRecord.from_item(item))
+    return _won(pool, to, InstanceRecord.from_item(item), now)
+
+
+def _won(pool: Pool, to: State, record: InstanceRecord, now: float) -> Transition:
+    """A won write; one into ``terminated`` also stops counting the instance against its ceilings."""
+    if to is State.TERMINATED:
+        ceilings.count_terminated(pool.table, pool.region, record.resource_class, now)
+    return Transition(True, record)
 
 
 def _landed_already(current: InstanceRecord, to: State, expect_run: str | None, set_run: str | None | Keep,

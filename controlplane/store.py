@@ -29,7 +29,7 @@ from typing import Any
 from controlplane import aws
 from controlplane.clock import Deadline, wait_until
 from controlplane.config import PoolConfig, parse_config
-from controlplane.errors import ConfigError
+from controlplane.errors import ConditionFailed, ConfigError
 from controlplane.logs import event
 from controlplane.records import (
     AGENT_SK,
@@ -221,7 +221,7 @@ def update_pool_meta(pool: Pool, **fields: Any) -> None:
 
 # ---------------------------------------------------------------- rows
 
-def put_created(pool: Pool, launched: Iterable[LaunchedInstance], run_id: str, resource_class: str,
+def put_created(pool: Pool, launched: Iterable[LaunchedInstance], run_id: str | None, resource_class: str,
                 threshold: float, now: float, registration: dict[str, str] | None = None) -> list[InstanceRecord]:
     """Write ``created`` rows for instances CreateFleet just returned (BatchWriteItem).
 
@@ -257,6 +257,28 @@ def set_registration(pool: Pool, instance_id: str, run_id: str, state: State, at
                 ExpressionAttributeNames={"#s": "state", "#r": "run_id", "#g": attr},
                 ExpressionAttributeValues={":s": {"S": state.value}, ":r": {"S": run_id}, ":g": {"S": value}})
     except aws.ConditionFailed:
+        return False
+    return True
+
+
+def extend_idle(pool: Pool, record: InstanceRecord, threshold: float, now: float) -> bool:
+    """Give an idle row a new threshold if it is still idle, in no run, with the threshold read.
+
+    Not a state change (the state attribute is not written): the warm minimum keeping an
+    instance past its idle time. False when the row moved on (a claim, an expiry) meanwhile.
+    """
+    ddb = aws.client("dynamodb", pool.region)
+    try:
+        with aws.mapped(f"dynamodb:UpdateItem idle threshold of {record.instance_id}"):
+            ddb.update_item(
+                TableName=pool.table, Key={"pk": {"S": record.arn}, "sk": {"S": STATE_SK}},
+                ConditionExpression="#s = :idle AND #t = :old AND attribute_not_exists(#r)",
+                UpdateExpression="SET #t = :new, #u = :now ADD #v :one",
+                ExpressionAttributeNames={"#s": "state", "#t": "threshold", "#r": "run_id", "#u": "updated_at",
+                                          "#v": "version"},
+                ExpressionAttributeValues={":idle": {"S": State.IDLE.value}, ":old": num(record.threshold),
+                                           ":new": num(threshold), ":now": num(now), ":one": {"N": "1"}})
+    except ConditionFailed:
         return False
     return True
 
@@ -370,6 +392,19 @@ def records_in_state(pool: Pool, state: State, threshold_before: float | None = 
     items = _paginate(pool, "query", IndexName="by_state", KeyConditionExpression=key,
                       ExpressionAttributeNames=names, ExpressionAttributeValues=values, **extra)
     return list(_readable(pool.table, items, InstanceRecord.from_item))
+
+
+def count_idle(pool: Pool, resource_class: str) -> int:
+    """Idle rows of a class (index ``by_state``, COUNT only, every page)."""
+    ddb = aws.client("dynamodb", pool.region)
+    total = 0
+    with aws.mapped("dynamodb:Query idle count"):
+        for page in ddb.get_paginator("query").paginate(
+                TableName=pool.table, IndexName="by_state", KeyConditionExpression="#s = :s", Select="COUNT",
+                FilterExpression="resource_class = :c", ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues={":s": {"S": State.IDLE.value}, ":c": {"S": resource_class}}):
+            total += int(page.get("Count", 0))
+    return total
 
 
 def all_records(pool: Pool) -> list[InstanceRecord]:

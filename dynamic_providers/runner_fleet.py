@@ -2,7 +2,10 @@
 
 Inputs: ``poolName``, ``region``, ``runId``, ``resourceClass``, ``count``,
 ``usageClass`` (optional: ``spot`` or ``on-demand``; unset takes any runner
-from the pool and creates with the pool's default). Outputs: ``label`` (what
+from the pool and creates with the pool's default), ``tags`` (optional: cost
+tags the run's instances carry while it holds them, keys from the pool's
+``run_tag_keys``, e.g. ``{repository: octo/repo, team: platform}``; set at
+create, so a change does not replace a running fleet). Outputs: ``label`` (what
 jobs put in ``runs-on``), ``instanceIds``, ``instances`` (id, source,
 instance type, subnet, usage class of each), ``poolName``, ``region``,
 ``runId``, ``resourceClass``, ``count``, ``usageClass``.
@@ -28,7 +31,11 @@ instance type, subnet, usage class of each), ``poolName``, ``region``,
   none (or no pool) give an empty id.
 * check -> one clear message per bad input: count a whole number from 1 to
   500, the run id pattern of the CLI, a known usage class, pool and class
-  names of the right shape.
+  names of the right shape, tags a mapping of strings.
+
+A provision that would pass a ceiling (``max_instances``) fails create with
+the CLI's one line (``provision run R: class C is at its ceiling: ...``) and
+nothing launched.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from typing import Any
 
 import pulumi
 import pulumi.dynamic
-from pulumi.dynamic import CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
+from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 
 from controlplane import inputs, store
 from controlplane.config import CLASS_RE, NAME_RE, REGION_RE, RUN_ID_RE, USAGE_CLASSES
@@ -62,7 +69,17 @@ def load_pool_or_none(name: str, region: str) -> store.Pool | None:
 
 def request_of(props: dict[str, Any]) -> ProvisionRequest:
     return ProvisionRequest(run_id=props["runId"], resource_class=props["resourceClass"],
-                            count=_base.as_int(props["count"], "count"), usage_class=props.get("usageClass"))
+                            count=_base.as_int(props["count"], "count"), usage_class=props.get("usageClass"),
+                            tags=dict(props.get("tags") or {}))
+
+
+def _check_tags(news: dict[str, Any]) -> list[CheckFailure]:
+    tags = news.get("tags")
+    if tags is None or _base.contains_unknown(tags):
+        return []
+    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        return [CheckFailure("tags", "tags must be a mapping of strings, e.g. {team: platform}")]
+    return []
 
 
 def failure_error(res: ProvisionResult) -> RunnerPoolError:
@@ -90,6 +107,7 @@ class RunnerFleetProvider(pulumi.dynamic.ResourceProvider):
                                   "a resource class of the pool: lowercase letters, digits, '-'")
             + _base.check_int(news, "count", inputs.MIN_COUNT, inputs.MAX_COUNT)
             + _base.check_choice(news, "usageClass", USAGE_CLASSES, required=False)
+            + _check_tags(news)
         )
         checked = dict(news)
         if not failures and not _base.is_unknown(news.get("count")):
@@ -157,13 +175,15 @@ class RunnerFleetArgs:
 
     def __init__(self, pool_name: pulumi.Input[str], region: pulumi.Input[str], run_id: pulumi.Input[str],
                  resource_class: pulumi.Input[str], count: pulumi.Input[int],
-                 usage_class: pulumi.Input[str] | None = None) -> None:
+                 usage_class: pulumi.Input[str] | None = None,
+                 tags: pulumi.Input[dict[str, str]] | None = None) -> None:
         self.pool_name = pool_name
         self.region = region
         self.run_id = run_id
         self.resource_class = resource_class
         self.count = count
         self.usage_class = usage_class
+        self.tags = tags
 
 
 class RunnerFleet(pulumi.dynamic.Resource, module="runnerpool", name="RunnerFleet"):
@@ -181,5 +201,5 @@ class RunnerFleet(pulumi.dynamic.Resource, module="runnerpool", name="RunnerFlee
         super().__init__(RunnerFleetProvider(), name, {
             "poolName": args.pool_name, "region": args.region, "runId": args.run_id,
             "resourceClass": args.resource_class, "count": args.count, "usageClass": args.usage_class,
-            "label": None, "instanceIds": None, "instances": None,
+            "tags": args.tags, "label": None, "instanceIds": None, "instances": None,
         }, opts)

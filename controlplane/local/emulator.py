@@ -634,7 +634,7 @@ def request_resource(service: str, handler: Any) -> str:
         if "LaunchTemplate" in action and not action.startswith("Describe"):
             lt = _launch_template_id(handler)
             return f"arn:aws:ec2:{region}:{account}:launch-template/{lt}" if lt else "*"
-        if action == "CreateTags":
+        if action in ("CreateTags", "DeleteTags"):            # the first resource (cost tags: instances)
             ids = handler._get_param("Resources") or []
             return _ec2_arn(region, account, ids[0]) if ids else "*"
         return "*"

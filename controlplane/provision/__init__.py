@@ -32,10 +32,11 @@ emergency) are deleted through the REST API.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, inputs, interruptions, metrics, store
+from controlplane import aws, ceilings, costtags, inputs, interruptions, metrics, poolstats, store
 from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.errors import ConfigError, ProvisionFailure, RunnerPoolError
@@ -58,6 +59,7 @@ class ProvisionRequest:
     resource_class: str
     count: int
     usage_class: str | None = None          # None: take any from the pool, create with the pool's default
+    tags: Mapping[str, str] = field(default_factory=dict)   # cost tags while the run holds them (costtags.py)
     validation_timeout_s: float | None = None
 
 
@@ -135,6 +137,7 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
     pool.config.resource_class(req.resource_class)
     inputs.check_count(req.count)
     inputs.check_usage_class(req.usage_class)
+    costtags.check(pool.config, req.tags)
     live = [r for r in store.run_records(pool, req.run_id) if r.state in LIVE_STATES]
     if live:
         raise ConfigError(
@@ -142,7 +145,22 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
             f"({', '.join(sorted({str(r.state) for r in live}))})",
             hint=f"release it first (`runner-pool release --pool {pool.name} --run-id {req.run_id}`) "
                  "or use a new run id")
+    _check_ceilings(pool, req)
     return req.usage_class or pool.config.usage_class
+
+
+def _check_ceilings(pool: Pool, req: ProvisionRequest) -> None:
+    """Fail fast, before any claim, when the runners this run would create cannot fit a ceiling.
+
+    Only when a ceiling applies (no extra call otherwise). The idle runners of the class are
+    what selection would claim instead of creating; the reservation before launch
+    (:func:`controlplane.ceilings.reserve`) is what races cannot pass.
+    """
+    cfg = pool.config
+    if cfg.max_instances is None and cfg.resource_class(req.resource_class).max_instances is None:
+        return
+    idle = 0 if cfg.is_ephemeral(req.resource_class) else store.count_idle(pool, req.resource_class)
+    ceilings.precheck(cfg, req.resource_class, req.count, idle)
 
 
 @dataclass
@@ -174,16 +192,31 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
     with aws.counted() as calls:
         usage = check_request(pool, req)             # its Query is part of what a provision costs
         a = _Attempt(pool, req, usage, gh, progress, clock)
+        refused: ceilings.CeilingReached | None = None
         try:
             registration = _registration(a)
             sel = _select(a, registration)
-            cr = _create(a, sel, registration)
+            try:
+                cr = _create(a, sel, registration)
+            except ceilings.CeilingReached as exc:
+                # Lost the race for the last slots after claiming; nothing was launched: give the
+                # claims back (the unhealthy ones go), then fail as the precheck would have.
+                refused = exc
+                missing = a.req.count - len(sel.claimed)
+                cr = CreationResult(shortfall=missing, requested=missing)
             val = None if cr.shortfall else _validate(a, sel.claimed + cr.members)
             done = _carry_out(a, finalize.decide(sel, cr, val))
+            if done.ok:
+                costtags.tag_claimed(pool.config, req.run_id, [m.instance_id for m in sel.claimed], req.tags)
+                poolstats.record_provision(pool.config, req.resource_class, req.run_id, len(sel.claimed),
+                                           len(cr.members), clock.now())
         except BaseException as exc:
             _finish(a, calls, Finalized(False, cleanup=_emergency(a, exc)))
             raise
-        return _finish(a, calls, done)
+        res = _finish(a, calls, done)
+    if refused is not None:
+        raise refused
+    return res
 
 
 def _registration(a: _Attempt) -> dict[str, str] | None:
@@ -216,7 +249,7 @@ def _create(a: _Attempt, sel: SelectionResult, registration: dict[str, str] | No
     a.progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
     with a.laps.lap("creation"):
         a.creation = creation.create(a.pool, a.req.run_id, a.req.resource_class, missing, a.usage_class, a.clock,
-                                     a.touched, registration)
+                                     a.touched, registration, run_tags=a.req.tags)
         if a.ephemeral and a.creation.members:
             a.jit_runners.update(jit.deliver(a.pool, a.github, a.req.run_id, a.creation.members))
     return a.creation

@@ -28,10 +28,11 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, store
+from controlplane import aws, ceilings, costtags, store
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import ResourceClass
 from controlplane.logs import event
@@ -67,14 +68,16 @@ def instance_requirements(rc: ResourceClass) -> dict[str, Any]:
     return req
 
 
-def fleet_request(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str,
-                  attempt: int, nonce: str = "") -> dict[str, Any]:
+def fleet_request(pool: Pool, run_id: str | None, resource_class: str, count: int, usage_class: str,
+                  attempt: int, nonce: str = "", run_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The CreateFleet request; ``run_id`` None launches for no run (a warm top-up), with no run tags."""
     cfg = pool.config
     req = instance_requirements(cfg.resource_class(resource_class))
     tcs: dict[str, Any] = {"TotalTargetCapacity": count, "DefaultTargetCapacityType": usage_class}
     tcs["SpotTargetCapacity" if usage_class == "spot" else "OnDemandTargetCapacity"] = count
-    tags = [{"Key": "runner-pool:pool", "Value": cfg.name}, {"Key": "runner-pool:run-id", "Value": run_id},
-            {"Key": "runner-pool:class", "Value": resource_class}]
+    tags = [{"Key": "runner-pool:pool", "Value": cfg.name}, {"Key": "runner-pool:class", "Value": resource_class}]
+    if run_id is not None:                        # cost tags: the run's, from launch (costtags.py)
+        tags += [{"Key": k, "Value": v} for k, v in costtags.run_tags(run_id, run_tags or {}).items()]
     token = hashlib.sha256(f"{cfg.name}:{run_id}:{attempt}:{usage_class}:{nonce}".encode()).hexdigest()[:32]
     request: dict[str, Any] = {
         "Type": "instant",
@@ -109,13 +112,17 @@ def _launch(pool: Pool, request: dict[str, Any], usage_class: str) -> tuple[list
     return launched, errors
 
 
-def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str,
+def create(pool: Pool, run_id: str | None, resource_class: str, count: int, usage_class: str,
            clock: Clock = SYSTEM_CLOCK, touched: Touched | None = None,
-           registration: dict[str, str] | None = None) -> CreationResult:
+           registration: dict[str, str] | None = None, run_tags: Mapping[str, str] | None = None) -> CreationResult:
     """Launch ``count`` instances; ``touched`` learns their ids as soon as EC2 returns them.
 
     ``registration`` goes into every ``created`` row with the row itself (no extra write): what
     each agent registers with (see :data:`controlplane.records.REGISTRATION_ATTRIBUTES`).
+    ``run_id`` None creates for no run (refresh's warm top-up): rows ``created`` with no run.
+    The ``count`` instances are reserved against the ceilings first (:func:`controlplane.ceilings.reserve`,
+    which raises :class:`~controlplane.ceilings.CeilingReached` before any launch); what EC2 did not
+    launch is given back after the calls.
     """
     if count <= 0:
         return CreationResult()
@@ -129,24 +136,32 @@ def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     errors: Counter[str] = Counter()
     missing = count
     nonce = uuid.uuid4().hex
-    for attempt, lifecycle in enumerate(attempts):
-        if missing <= 0:
-            break
-        request = fleet_request(pool, run_id, resource_class, missing, lifecycle, attempt, nonce)
-        launched, errs = _launch(pool, request, lifecycle)
-        fleet_calls += 1
-        errors.update(errs)
-        if touched is not None:
-            touched.add(li.instance_id for li in launched)
-        if launched:
-            now = clock.now()
-            # A failed write raises: the caller's emergency path terminates what ``touched`` holds.
-            records = store.put_created(pool, launched, run_id, resource_class,
-                                        threshold=now + cfg.claim_timeout_s, now=now, registration=registration)
-            members.extend(Member(r.instance_id, r.arn, "created", r.instance_type, r.subnet_id,
+    ceilings.reserve(cfg, resource_class, count, clock.now())
+    launched_total = 0
+    try:
+        for attempt, lifecycle in enumerate(attempts):
+            if missing <= 0:
+                break
+            request = fleet_request(pool, run_id, resource_class, missing, lifecycle, attempt, nonce, run_tags)
+            launched, errs = _launch(pool, request, lifecycle)
+            launched_total += len(launched)
+            fleet_calls += 1
+            errors.update(errs)
+            if touched is not None:
+                touched.add(li.instance_id for li in launched)
+            if launched:
+                now = clock.now()
+                # A failed write raises: the caller's emergency path terminates what ``touched`` holds.
+                records = store.put_created(pool, launched, run_id, resource_class,
+                                            threshold=now + cfg.claim_timeout_s, now=now,
+                                            registration=registration)
+                members.extend(Member(r.instance_id, r.arn, "created", r.instance_type, r.subnet_id,
                                       r.usage_class, resource_class) for r in records)
-        missing -= len(launched)
-        fell_back = fell_back or attempt > 0
-        event("creation.fleet", run_id=run_id, usage_class=lifecycle, requested=missing + len(launched),
-              launched=[li.instance_id for li in launched], errors=dict(errs))
+            missing -= len(launched)
+            fell_back = fell_back or attempt > 0
+            event("creation.fleet", run_id=run_id, usage_class=lifecycle, requested=missing + len(launched),
+                  launched=[li.instance_id for li in launched], errors=dict(errs))
+    finally:
+        # what EC2 did not launch no longer counts; what it launched stays counted until its row is terminated
+        ceilings.release(cfg, resource_class, count - launched_total, clock.now())
     return CreationResult(members, dict(errors), fleet_calls, max(0, missing), fell_back, count)

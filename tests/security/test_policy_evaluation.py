@@ -139,6 +139,13 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "launch from an image": control("ec2:RunInstances", f"arn:aws:ec2:{REGION}::image/ami-0123456789abcdef0", ALLOW),
     "tag instances as they launch": control("ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", ALLOW,
                                             **{"ec2:CreateAction": "CreateFleet"}),
+    "query the provision history (status)": control("dynamodb:Query", TABLE, ALLOW),
+    "put a run's cost tags on a pool instance it claimed": control(
+        "ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", ALLOW,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:run-id", "repository", "team"]}),
+    "remove a run's cost tags on release": control(
+        "ec2:DeleteTags", f"{EC2}:instance/i-0123456789abcdef0", ALLOW,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:run-id", "repository", "workflow", "team"]}),
     "terminate a pool instance": control("ec2:TerminateInstances", f"{EC2}:instance/i-0123456789abcdef0", ALLOW,
                                          **tag("ResourceTag")),
     "stop a pool instance (the stopped tier)": control("ec2:StopInstances", f"{EC2}:instance/i-0123456789abcdef0",
@@ -160,6 +167,20 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
         "ec2:CreateTags", f"{EC2}:launch-template/lt-0fedcba9876543210", DENY,
         **tag("ResourceTag", "prod"), **{"aws:TagKeys": ["runner-pool:owner"]}),
     "tag any instance into the pool": control("ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", DENY),
+    "retag a pool instance into another pool": control(
+        "ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", DENY,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:run-id", "runner-pool:pool"]}),
+    "put a tag key that is not a run tag on a pool instance": control(
+        "ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", DENY,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["cost-center"]}),
+    "put cost tags on another pool's instance": control(
+        "ec2:CreateTags", f"{EC2}:instance/i-0123456789abcdef0", DENY,
+        **tag("ResourceTag", "prod"), **{"aws:TagKeys": ["runner-pool:run-id"]}),
+    "delete every tag of a pool instance (DeleteTags naming no key)": control(
+        "ec2:DeleteTags", f"{EC2}:instance/i-0123456789abcdef0", DENY, **tag("ResourceTag")),
+    "delete the pool tag of a pool instance": control(
+        "ec2:DeleteTags", f"{EC2}:instance/i-0123456789abcdef0", DENY,
+        **tag("ResourceTag"), **{"aws:TagKeys": ["runner-pool:pool"]}),
     "terminate another pool's instance": control("ec2:TerminateInstances", f"{EC2}:instance/i-0123456789abcdef0",
                                                  DENY, **tag("ResourceTag", "prod")),
     "terminate an untagged instance": control("ec2:TerminateInstances", f"{EC2}:instance/i-0123456789abcdef0", DENY),

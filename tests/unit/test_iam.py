@@ -140,7 +140,7 @@ CALLS = {
     "ec2": {"DescribeSubnets", "DescribeSecurityGroups", "DescribeInstances", "DescribeLaunchTemplates",
             "DescribeLaunchTemplateVersions", "CreateLaunchTemplate", "CreateLaunchTemplateVersion",
             "ModifyLaunchTemplate", "DeleteLaunchTemplate", "DeleteLaunchTemplateVersions", "CreateFleet",
-            "RunInstances", "CreateTags", "TerminateInstances",
+            "RunInstances", "CreateTags", "DeleteTags", "TerminateInstances",     # *Tags: cost tags
             "StopInstances", "StartInstances", "DescribeImages"},   # the stopped tier; a class image's architecture
     "ssm": {"GetParameter", "PutParameter", "DeleteParameter"},
     "iam": {"PassRole"},
@@ -200,7 +200,14 @@ def test_control_plane_policy_scopes_ec2_to_the_pool() -> None:
     assert st["OwnerTagOnPoolTemplate"]["Condition"] == {
         "StringEquals": pool_tag, "ForAllValues:StringEquals": {"aws:TagKeys": ["runner-pool:owner"]}}
     assert st["OwnerTagOnPoolTemplate"]["Resource"] == [f"arn:aws:ec2:eu-west-1:{ACCOUNT}:launch-template/*"]
-    tagging = [s for s in st.values() if "ec2:CreateTags" in s["Action"] and s["Sid"] != "OwnerTagOnPoolTemplate"]
+    # Cost tags: CreateTags/DeleteTags on the pool's instances, only the run tag keys, and the keys named.
+    assert st["RunTagsOnPoolInstances"]["Condition"] == {
+        "StringEquals": pool_tag,
+        "ForAllValues:StringEquals": {"aws:TagKeys": ["runner-pool:run-id", "repository", "workflow", "team"]},
+        "Null": {"aws:TagKeys": "false"}}
+    assert st["RunTagsOnPoolInstances"]["Resource"] == [f"arn:aws:ec2:eu-west-1:{ACCOUNT}:instance/*"]
+    tagging = [s for s in st.values() if "ec2:CreateTags" in s["Action"]
+               and s["Sid"] not in ("OwnerTagOnPoolTemplate", "RunTagsOnPoolInstances")]
     assert tagging and all("ec2:CreateAction" in s["Condition"]["StringEquals"] for s in tagging)
     unconditioned = {s["Sid"] for s in st.values() if "Condition" not in s}
     assert unconditioned == {"StateTable", "StateTableIndexes", "PoolQueues", "ListQueues", "Describe",
@@ -223,7 +230,7 @@ def test_control_plane_policy_names_the_pools_table_queues_and_parameter() -> No
         "big": {"vcpu": {"min": 8}, "memoryMib": {"min": 16384}}}), ACCOUNT, "aws"))
     q = f"arn:aws:sqs:eu-west-1:{ACCOUNT}:runner-pool-ci-"
     assert st["StateTable"]["Resource"] == [TABLE]
-    assert st["StateTableIndexes"]["Resource"] == [f"{TABLE}/index/*"]
+    assert st["StateTableIndexes"]["Resource"] == [TABLE, f"{TABLE}/index/*"]
     assert st["PoolQueues"]["Resource"] == sorted(f"{q}{c}" for c in ("small", "small-dlq", "big", "big-dlq"))
     assert st["RemovedClassQueues"]["Resource"] == [f"{q}*"]
     assert st["RemovedClassQueues"]["Condition"] == {"StringEquals": {"aws:ResourceTag/runner-pool:pool": "ci"}}
