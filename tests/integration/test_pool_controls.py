@@ -289,6 +289,6 @@ def test_status_shows_each_class_with_its_states_minimum_ceiling_and_hit_rate(ma
     row = next(ln.split() for ln in lines if ln.strip().startswith("small"))
     col = {h: row[i] for i, h in enumerate(header[: header.index("min") + 2])}
     assert col["running"] == "2" and col["idle"] == "0" and col["min"] == "1" and col["max"] == "2/4"
-    assert "—" in row and "50%" in row
+    assert row[header.index("interrupted")] == "0" and "50%" in row     # "interrupted 1h": none
     assert release(pool, run.run_id).ok
     invariants.check(pool, emu)
