@@ -183,6 +183,10 @@ class PoolConfig(_Model):
     ephemeral: bool = Field(default=False,
                             description="every runner takes one job from a just-in-time config and its instance "
                                         "is never reused (for untrusted code: public repositories, forks)")
+    fresh_registration: bool = Field(
+        default=False,
+        description="every run registers its runners anew (config.sh with a new token, as before relabelling); "
+                    "false: a warm hit keeps the pooled runner registered and only changes its labels")
     idle_time_s: int = Field(default=420, ge=30, le=7 * 86400, description="how long an idle runner waits in the pool")
     max_runtime_s: int = Field(default=1800, ge=60, le=7 * 86400, description="how long a run may hold its runners")
     max_reuse: int = Field(default=20, ge=0, le=10_000, description="runs an instance serves before it is terminated")

@@ -1,6 +1,11 @@
 """Release: give a run's runners back to the pool.
 
-For every instance of the run: clear the run from its row (``-> draining``),
+A listening runner (the default, relabelling) stays registered: its run's
+labels are removed through GitHub's API after a check that it is not busy,
+and its row goes straight back to ``idle`` and into the queue
+(``provision/relabel.py``); its agent does nothing. Every other instance of
+the run (``fresh_registration``, a busy runner, one GitHub cannot relabel,
+one being retired) takes the draining path: clear the run from its row (``-> draining``),
 wait until its agent signals that it stopped the runner and wiped its
 credentials, delete the runner on GitHub (REST API, by the id the agent
 reported), then put it back to ``idle`` with a fresh idle threshold and
@@ -25,7 +30,7 @@ from controlplane import aws, metrics, store
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import finalize
+from controlplane.provision import finalize, relabel
 from controlplane.records import InstanceRecord, Member, State
 from controlplane.store import Pool
 
@@ -95,11 +100,19 @@ def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = 
             return None
 
         progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
+        relabelled: list[str] = []
+        listening = [member_of(r) for r in active if r.state is State.RUNNING and not cfg.fresh_registration
+                     and r.resource_class in cfg.resource_classes and not retire(member_of(r))]
+        if listening:
+            agents = {i: a for i, (_, a) in store.read_set(pool, [m.instance_id for m in listening]).items()}
+            back, _ = relabel.unlabel(pool, gh, run_id, listening, agents, State.RUNNING, clock)
+            relabelled = [m.instance_id for m in back]
+            active = [r for r in active if r.instance_id not in set(relabelled)]
         cleanup = finalize.terminate(pool, [(r.instance_id, State.CREATED, run_id) for r in created], clock, gh)
         cleanup.merge(finalize.return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
                                               retire=retire, github=gh))
-        res.returned_to_pool, res.terminated, res.failed = (cleanup.returned_to_pool, cleanup.terminated,
-                                                            cleanup.failed)
+        res.returned_to_pool, res.terminated, res.failed = (relabelled + cleanup.returned_to_pool,
+                                                            cleanup.terminated, cleanup.failed)
         return res
     finally:
         res.duration_s = round(time.monotonic() - started, 3)

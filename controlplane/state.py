@@ -30,6 +30,8 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.CLAIMED, State.DRAINING): "provision rolled back: clear the run, wait for the agent to deregister",
     (State.RUNNING, State.DRAINING): "release: clear the run, wait for the agent to deregister",
     (State.DRAINING, State.IDLE): "the agent confirmed deregistration: back in the pool",
+    (State.RUNNING, State.IDLE): "release of a listening runner: its run labels removed, still registered",
+    (State.CLAIMED, State.IDLE): "rollback of a relabelled runner: its run labels removed, still registered",
     (State.CREATED, State.TERMINATED): "created but not accepted (validation failed, or past its deadline)",
     (State.IDLE, State.TERMINATED): "idle past its threshold, reuse cap or lifetime reached, or class removed",
     (State.CLAIMED, State.TERMINATED): "claimed but unhealthy, or past its deadline (provisioner died)",

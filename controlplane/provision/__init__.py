@@ -2,7 +2,10 @@
 
 Phases, each its own module, each taking and returning records:
 
-1. **selection** claims idle runners from the class's pool queue;
+1. **selection** claims idle runners from the class's pool queue, and
+   **relabel** gives each claimed runner, still registered and listening, the
+   run's labels through GitHub's API (a member that cannot be relabelled falls
+   back, alone, to a fresh registration);
 2. **creation** launches the rest with one CreateFleet (two with spot fallback);
 3. **validation** waits until every member, claimed and created, is
    registered for the run and heartbeating (all or nothing);
@@ -16,9 +19,11 @@ The run label is the run id: runners register with ``--labels <run id>`` and
 jobs target ``runs-on: <label>``. A run id can hold one live fleet at a time.
 
 Credentials: the control plane alone reads the pool's registration token
-(SSM, rotated here when it is close to expiry) and hands it to exactly the
-members that must register, inside each one's own state row (the claim write
-for pool runners, the ``created`` row for new ones). In ephemeral mode each
+(SSM, rotated here when it is close to expiry), only when some member must
+register, and hands it to exactly those members inside each one's own state
+row: the ``created`` row for new ones, a relabel fallback's claimed row, and,
+with ``fresh_registration``, the claim write of every pool runner. A warm hit
+by relabelling hands its instance nothing. In ephemeral mode each
 created instance gets instead a just-in-time runner config of its own
 (``generate-jitconfig``: its name, the run's labels, one job), written into
 its row right after the row exists; nothing is claimed from the pool, since
@@ -30,6 +35,7 @@ emergency) are deleted through the REST API.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +46,8 @@ from controlplane.config import USAGE_CLASSES
 from controlplane.errors import ConfigError, RunnerPoolError
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import creation, finalize, selection, validation
-from controlplane.records import JIT_CONFIG, LIVE_STATES, REGISTRATION_TOKEN, Member, State
+from controlplane.provision import creation, finalize, relabel, selection, validation
+from controlplane.records import JIT_CONFIG, LIVE_STATES, REGISTRATION_TOKEN, AgentRecord, Member, State
 from controlplane.store import Pool
 
 
@@ -72,6 +78,8 @@ class ProvisionResult:
     cleanup: finalize.Cleanup = field(default_factory=finalize.Cleanup)
     from_pool: int = 0
     created: int = 0
+    relabelled: int = 0                   # pool runners served by a label change (no new registration)
+    fallback: dict[str, str] = field(default_factory=dict)   # pool runners registered anew, and why
 
     @property
     def instance_ids(self) -> list[str]:
@@ -93,6 +101,7 @@ class ProvisionResult:
             "cleanup": {"terminated": self.cleanup.terminated, "returned_to_pool": self.cleanup.returned_to_pool,
                         "failed": self.cleanup.failed},
             "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "created": self.created,
+            "relabelled": self.relabelled, "fallback": self.fallback,
             "api_calls": self.api_calls, "api_calls_by_op": self.api_calls_by_op,
             "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
             "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
@@ -148,6 +157,17 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
     created: list[Member] = []
     unhealthy: list[Member] = []
     jit_runners: dict[str, int] = {}                 # ephemeral: instance id -> its just-in-time runner
+    relabelled: list[Member] = []
+    agents: dict[str, AgentRecord | None] = {}       # the claimed runners' agent rows, read at claim
+    fresh = pool.config.fresh_registration
+    credential: dict[str, str] = {}
+
+    def registration() -> dict[str, str]:
+        """The pool's token (SSM, rotated when close to expiry), read once and only when needed."""
+        if not credential:
+            stored, _ = tokens.ensure_tokens(pool.config, gh, now=clock.now())
+            credential[REGISTRATION_TOKEN] = stored.registration
+        return credential
 
     def lap(name: str, since: float) -> float:
         now = time.monotonic()
@@ -156,23 +176,26 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
 
     try:
         t = time.monotonic()
-        registration: dict[str, str] | None = None
-        if not ephemeral:
-            stored, _ = tokens.ensure_tokens(pool.config, gh, now=clock.now())
-            registration = {REGISTRATION_TOKEN: stored.registration}
         if ephemeral:
             progress.phase(f"[1/4] selection: none (class {req.resource_class} is ephemeral: never reused)")
         else:
             progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
             sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
-                                   claimed_sink=touched, registration=registration)
-            claimed, unhealthy = sel.claimed, sel.unhealthy
+                                   claimed_sink=touched, registration=registration() if fresh else None)
+            claimed, unhealthy, agents = sel.claimed, sel.unhealthy, sel.agents
         t = lap("selection", t)
         missing = req.count - len(claimed)
         progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
+        if claimed and not fresh:
+            rl = relabel.claim(pool, gh, req.run_id, claimed, sel.agents, registration, clock)
+            relabelled, res.fallback = rl.ready, rl.reasons
+            res.relabelled = len(relabelled)
+            progress.phase(f"      {len(relabelled)} relabelled for {req.run_id}, {len(rl.fallback)} registering anew"
+                           + "".join(f"\n        {i}: {why}" for i, why in sorted(rl.reasons.items())[:5]))
+            t = lap("relabel", t)
         progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
         cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched,
-                             registration=registration)
+                             registration=registration() if missing and not ephemeral else None)
         created = cr.members
         if ephemeral and created:
             jit_runners.update(_deliver_jit_configs(pool, gh, req.run_id, created))
@@ -186,11 +209,18 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
                           + ("; on-demand fallback was tried" if cr.fell_back else ""))
             progress.phase(f"      {res.reason}")
             return _fail(pool, req, res, claimed, created + unhealthy, progress, clock, counter, token, started,
-                         gh, jit_runners)
+                         gh, jit_runners, relabelled, agents)
         timeout = req.validation_timeout_s or pool.config.validation_timeout_s
-        progress.phase(f"[3/4] validation: {len(members)} runner(s) must register for {req.run_id} "
-                       f"within {timeout:.0f} s")
-        val = validation.validate(pool, req.run_id, members, timeout, progress, clock)
+        checked = frozenset(m.instance_id for m in relabelled)
+        if len(checked) == len(members):
+            # Every runner was relabelled and checked on GitHub, its heartbeat read just after its claim.
+            progress.phase(f"[3/4] validation: {len(members)} runner(s) relabelled and checked on GitHub")
+            val = validation.ValidationResult(ready=sorted(checked), healthy=set(checked),
+                                              decided_at=clock.now())
+        else:
+            progress.phase(f"[3/4] validation: {len(members) - len(checked)} runner(s) must register for "
+                           f"{req.run_id} within {timeout:.0f} s" + (f", {len(checked)} relabelled" if checked else ""))
+            val = validation.validate(pool, req.run_id, members, timeout, progress, clock, relabelled=checked)
         res.validated_at = val.decided_at
         t = lap("validation", t)
         if not val.ok:
@@ -199,15 +229,17 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
             healthy_claimed = [m for m in claimed if m.instance_id in val.healthy and m.instance_id not in val.failed]
             doomed = created + unhealthy + [m for m in claimed if m not in healthy_claimed]
             return _fail(pool, req, res, healthy_claimed, doomed, progress, clock, counter, token, started,
-                         gh, jit_runners)
+                         gh, jit_runners, relabelled, agents)
         progress.phase(f"[4/4] commit: {len(members)} runner(s) to running")
         lost = finalize.commit(pool, req.run_id, members, clock)
         lap("commit", t)
         if lost:
             res.reason = f"{len(lost)} instance(s) changed state before commit ({', '.join(lost)})"
             committed = [m for m in members if m.instance_id not in lost]
+            back, committed = _unlabel(pool, gh, req.run_id, committed, relabelled, agents, State.RUNNING, clock)
             cleanup = finalize.return_to_pool(pool, req.run_id, committed, State.RUNNING, progress, clock,
                                               github=gh)
+            cleanup.returned_to_pool += back
             cleanup.merge(finalize.terminate(pool, [(i, State.TERMINATED, None) for i in lost], clock, gh))
             res.cleanup = cleanup
             return _finish(res, counter, token, started, pool.config)
@@ -266,13 +298,31 @@ def _delete_jit_runners(github: GitHubClient, runners: dict[str, int]) -> None:
             event("jit.delete_failed", instance_id=iid, runner_id=runner_id, error=str(exc))
 
 
+def _unlabel(pool: Pool, github: GitHubClient | None, run_id: str, members: list[Member],
+             relabelled: Sequence[Member], agents: Mapping[str, AgentRecord | None], from_: State,
+             clock: Clock) -> tuple[list[str], list[Member]]:
+    """Relabelled members back to the pool by removing the run's labels; the ids returned, and the
+    members left for the draining path."""
+    ids = {m.instance_id for m in relabelled}
+    listening = [m for m in members if m.instance_id in ids]
+    if github is None or not listening:
+        return [], members
+    back, _ = relabel.unlabel(pool, github, run_id, listening, agents, from_, clock)
+    returned = {m.instance_id for m in back}
+    return sorted(returned), [m for m in members if m.instance_id not in returned]
+
+
 def _fail(pool: Pool, req: ProvisionRequest, res: ProvisionResult, healthy_claimed: list[Member],
           doomed: list[Member], progress: Progress, clock: Clock, counter: aws.CallCounter,
           token: Any, started: float, github: GitHubClient | None = None,
-          jit_runners: dict[str, int] | None = None) -> ProvisionResult:
+          jit_runners: dict[str, int] | None = None, relabelled: Sequence[Member] = (),
+          agents: Mapping[str, AgentRecord | None] | None = None) -> ProvisionResult:
     t = time.monotonic()
     progress.phase(f"[4/4] rollback: {len(healthy_claimed)} back to the pool, {len(doomed)} to terminate")
+    back, healthy_claimed = _unlabel(pool, github, req.run_id, healthy_claimed, relabelled, agents or {},
+                                     State.CLAIMED, clock)
     res.cleanup = finalize.rollback(pool, req.run_id, healthy_claimed, doomed, progress, clock, github)
+    res.cleanup.returned_to_pool += back
     if github is not None and jit_runners:
         doomed_ids = {m.instance_id for m in doomed}
         _delete_jit_runners(github, {i: r for i, r in jit_runners.items() if i in doomed_ids})

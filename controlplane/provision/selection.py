@@ -18,10 +18,13 @@ instance is terminated and another candidate is taken, without waiting on the
 others. The loop ends when enough are claimed, the queue is empty, or the
 deadline passes; whatever is missing is left to creation.
 
-The claim itself hands the agent what it registers with: the winning
-idle->claimed write also puts the pool's registration token into that row
-(``registration``), so a claimed runner costs no extra write; the commit or
-rollback takes it out again.
+With ``fresh_registration`` the claim itself hands the agent what it
+registers with: the winning idle->claimed write also puts the pool's
+registration token into that row (``registration``), so a claimed runner
+costs no extra write; the commit or rollback takes it out again. Otherwise
+the claim carries no credential: the listening runner is relabelled
+(``relabel.py``), and the agent rows read for the health check (kept in
+``agents``) say which runner that is.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from controlplane import aws, pool as pool_q, store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.logs import event
 from controlplane.pool import PoolMessage
-from controlplane.records import Member, Signal, State
+from controlplane.records import AgentRecord, Member, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
 
@@ -42,6 +45,7 @@ SELECTION_TIMEOUT_S = 20
 class SelectionResult:
     claimed: list[Member] = field(default_factory=list)
     unhealthy: list[Member] = field(default_factory=list)
+    agents: dict[str, AgentRecord | None] = field(default_factory=dict)   # the health read, by instance id
     received: int = 0
     stale_dropped: int = 0
     lost_races: int = 0
@@ -99,7 +103,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             pool_q.give_back(cfg.region, url, back)
             res.given_back += len(back)
         if won:
-            healthy, unhealthy = _check_health(pool, won, clock)
+            healthy, unhealthy = _check_health(pool, won, clock, res.agents)
             res.claimed.extend(healthy)
             res.unhealthy.extend(unhealthy)
         if not candidates and back:
@@ -125,8 +129,10 @@ def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, sink: list[str
     return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
 
 
-def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list[Member], list[Member]]:
+def _check_health(pool: Pool, members: list[Member], clock: Clock,
+                  agents: dict[str, AgentRecord | None]) -> tuple[list[Member], list[Member]]:
     rows = store.read_set(pool, [m.instance_id for m in members])
+    agents.update({iid: agent for iid, (_, agent) in rows.items()})
     now = clock.now()
     healthy, unhealthy = [], []
     for m in members:
