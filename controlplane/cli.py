@@ -18,10 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from botocore.exceptions import BotoCoreError
-
-from controlplane.config import REGION_RE, RUN_ID_RE
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
+from controlplane.patterns import REGION_RE, RUN_ID_RE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,16 +217,33 @@ def cmd_local_status(args: argparse.Namespace) -> int:
     return 0 if state else 1
 
 
+def _prewarm_github() -> None:
+    """Import githubkit in a thread while the command waits on AWS (it takes about a quarter of a
+    second, and a provision or release needs it only after its first AWS calls)."""
+    import threading
+
+    def load() -> None:
+        try:
+            import githubkit  # noqa: F401
+            import githubkit.exception  # noqa: F401
+        except ImportError:
+            pass                        # the command's own import reports it
+
+    threading.Thread(target=load, name="prewarm-githubkit", daemon=True).start()
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
-    from controlplane.provision import ProvisionRequest, provision
 
     run_id = _check_run_id(args.run_id)
     if args.count < 1:
         raise ConfigError(f"--count {args.count} is not valid", hint="ask for at least 1 runner")
     if args.count > 500:
         raise ConfigError(f"--count {args.count} is too large", hint="ask for at most 500 runners per run")
-    p = _pool(args)
+    p = _pool(args)                     # the first AWS call, before the provision's own imports
+    _prewarm_github()
+    from controlplane.provision import ProvisionRequest, provision
+
     req = ProvisionRequest(run_id=run_id, resource_class=args.resource_class, count=args.count,
                            usage_class=args.usage_class)
     result = provision(p, req, progress=Progress(not args.json))
@@ -238,10 +253,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
-    from controlplane.release import release
 
     run_id = _check_run_id(args.run_id)
-    res = release(_pool(args), run_id, progress=Progress(not args.json))
+    p = _pool(args)
+    _prewarm_github()
+    from controlplane.release import release
+
+    res = release(p, run_id, progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0 if res.ok else 1
 
@@ -381,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _botocore_error() -> type[Exception]:
+    """botocore's base error, imported only when an exception is being matched: the import costs a
+    tenth of a second that a command which never reaches AWS (``--help``, bad input) should not pay."""
+    from botocore.exceptions import BotoCoreError
+
+    return BotoCoreError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from controlplane import logs
 
@@ -398,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BotoCoreError as exc:
+    except _botocore_error() as exc:
         if os.environ.get("RUNNER_POOL_DEBUG"):
             traceback.print_exc()
         print(f"error: cannot reach AWS: {exc} (check AWS_ENDPOINT_URL, the network and credentials; "

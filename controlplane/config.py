@@ -35,17 +35,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from controlplane.errors import ConfigError, ConfigErrors
+from controlplane.patterns import CLASS_RE, NAME_RE, REGION_RE, RUN_ID_RE  # noqa: F401 - re-exported
 
 UsageClass = Literal["spot", "on-demand"]
 USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
 
-NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
-CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
-REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
-# A run id is also the runner label jobs target with `runs-on:`.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class _Model(BaseModel):

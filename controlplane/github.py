@@ -48,13 +48,14 @@ permission, which is not retried and names the permission to grant.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from controlplane.errors import ConfigError, RunnerPoolError
 
@@ -267,16 +268,20 @@ class GitHubClient:
 
     def get_runner(self, runner_id: int) -> GitHubRunner | None:
         """One runner by id; ``None`` when GitHub does not have it (404)."""
+        with self._github() as gh:
+            return self._get_runner(gh, runner_id)
+
+    def _get_runner(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy],
+                    runner_id: int) -> GitHubRunner | None:
         from githubkit.exception import RequestFailed
 
         with self._mapped_errors(f"get runner {runner_id}"):
             try:
-                with self._github() as gh:
-                    if self.is_org:
-                        api = gh.rest.actions.get_self_hosted_runner_for_org(self.scope, runner_id).parsed_data
-                    else:
-                        owner, repo = self.scope.split("/")
-                        api = gh.rest.actions.get_self_hosted_runner_for_repo(owner, repo, runner_id).parsed_data
+                if self.is_org:
+                    api = gh.rest.actions.get_self_hosted_runner_for_org(self.scope, runner_id).parsed_data
+                else:
+                    owner, repo = self.scope.split("/")
+                    api = gh.rest.actions.get_self_hosted_runner_for_repo(owner, repo, runner_id).parsed_data
             except RequestFailed as exc:
                 if exc.response.status_code == 404:
                     return None
@@ -360,7 +365,12 @@ class GitHubClient:
         too). That is what GitHub stored, not proof that dispatch uses it yet:
         callers that need the change in effect check the runner afterwards.
         """
-        with self._mapped_errors(f"set the labels of runner {runner_id}"), self._github() as gh:
+        with self._github() as gh:
+            return self._set_labels(gh, runner_id, labels)
+
+    def _set_labels(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy], runner_id: int,
+                    labels: Sequence[str]) -> tuple[str, ...]:
+        with self._mapped_errors(f"set the labels of runner {runner_id}"):
             if not labels:                      # GitHub's documented way to clear: DELETE .../labels
                 if self.is_org:
                     data = gh.rest.actions.remove_all_custom_labels_from_self_hosted_runner_for_org(
@@ -382,27 +392,33 @@ class GitHubClient:
                         ) -> dict[int, tuple[str, ...] | RunnerPoolError]:
         """:meth:`set_labels` for each ``(runner id, labels)``, in parallel (GitHub has no batch
         endpoint): per runner the labels GitHub stored, or the error that refused it."""
-        return self._each(lambda change: self.set_labels(change[0], change[1]), changes,
+        return self._each(lambda gh, change: self._set_labels(gh, change[0], change[1]), changes,
                           key=lambda change: change[0])
 
     def get_runners(self, runner_ids: Sequence[int]) -> dict[int, GitHubRunner | None | RunnerPoolError]:
         """:meth:`get_runner` for each id, in parallel: the runner, ``None`` (gone), or the error."""
-        return self._each(self.get_runner, runner_ids, key=lambda runner_id: runner_id)
+        return self._each(self._get_runner, runner_ids, key=lambda runner_id: runner_id)
 
-    def _each(self, fn: Callable[[T], R], items: Sequence[T], key: Callable[[T], int]
+    def _each(self, fn: Callable[[Any, T], R], items: Sequence[T], key: Callable[[T], int]
               ) -> dict[int, R | RunnerPoolError]:
-        """Run ``fn`` over ``items`` in threads (each call with its own client and retries); a
+        """Run ``fn(gh, item)`` over ``items`` in threads sharing one githubkit client (its HTTP
+        connection pool is thread-safe; githubkit finds the open client through a context variable,
+        so each thread runs in a copy of this context). Each call keeps its own retries; a
         :class:`RunnerPoolError` is the result of its item, anything else propagates."""
-        def one(item: T) -> R | RunnerPoolError:
+        def one(gh: Any, item: T) -> R | RunnerPoolError:
             try:
-                return fn(item)
+                return fn(gh, item)
             except RunnerPoolError as exc:
                 return exc
 
-        if len(items) <= 1:
-            return {key(item): one(item) for item in items}
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
-            return dict(zip((key(i) for i in items), pool.map(one, items)))
+        if not items:
+            return {}
+        with self._github() as gh:
+            if len(items) == 1:
+                return {key(items[0]): one(gh, items[0])}
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, one, gh, item) for item in items]
+                return {key(item): f.result() for item, f in zip(items, futures)}
 
     def _github(self) -> GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy]:
         """A fresh githubkit client: never stored (see the module docstring)."""
