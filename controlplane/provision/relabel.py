@@ -28,7 +28,8 @@ ready only when the check passed and its heartbeat is fresh, and a rollback
 removes the run's labels again.
 
 **Release** (:func:`unlabel`, also the rollback of relabelled members): for
-each listening runner, check it is not busy (``GET``), remove its custom
+each listening runner whose agent heartbeats, check it is online and not
+busy (``GET``), remove its custom
 labels (``DELETE .../labels``), then move its row straight to ``idle`` and
 requeue it. A busy runner, one GitHub cannot change, or one whose agent
 reports no runner takes the draining path instead (the agent stops and wipes
@@ -188,26 +189,38 @@ def unlabel(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]
 
     Returns ``(returned, rest)``: ``rest`` must take the draining path.
     """
-    runner_of = {m.instance_id: rid for m in members
-                 if (rid := listening_runner(m, agents.get(m.instance_id))) is not None}
+    now = clock.now()
+    cfg = pool.config
+    runner_of: dict[str, int] = {}
+    why: dict[str, str] = {}
+    for m in members:
+        agent = agents.get(m.instance_id)
+        rid = listening_runner(m, agent)
+        if rid is None:
+            why[m.instance_id] = "its agent reports no registered runner"
+        elif agent is None or not agent.is_healthy(now, cfg.heartbeat_stale_s):
+            why[m.instance_id] = "its agent's heartbeat is stale"        # the draining path judges it dead
+        else:
+            runner_of[m.instance_id] = rid
     if not runner_of:
         return [], list(members)
     seen = github.get_runners(list(runner_of.values()))
-    why: dict[str, str] = {}
     for iid, rid in list(runner_of.items()):
         runner = seen.get(rid)
-        if isinstance(runner, RunnerPoolError) or runner is None or runner.busy:
-            why[iid] = ("busy with a job" if runner is not None and not isinstance(runner, RunnerPoolError)
-                        else "gone or unreadable on GitHub")
-            del runner_of[iid]
+        if isinstance(runner, RunnerPoolError) or runner is None:
+            why[iid] = "gone or unreadable on GitHub"
+        elif runner.busy:
+            why[iid] = "busy with a job"
+        elif runner.status != "online":
+            why[iid] = f"runner {runner.name} is {runner.status}"
+        else:
+            continue
+        del runner_of[iid]
     cleared = github.set_labels_many([(rid, ()) for rid in runner_of.values()])
     for iid, rid in list(runner_of.items()):
         if isinstance(cleared.get(rid), RunnerPoolError):
             why[iid] = f"labels not removed: {cleared[rid]}"
             del runner_of[iid]
-    now = clock.now()
-    cfg = pool.config
-
     def idle(m: Member) -> bool:
         t = transition(pool.table, pool.region, m.arn, from_=from_, to=State.IDLE, run_id=run_id,
                        new_run_id=None, threshold=now + cfg.idle_time_s, now=now, when="any")
