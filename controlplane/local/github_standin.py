@@ -47,8 +47,12 @@ Why the stand-in exists: provisioning is only accepted when every runner is
 registered, so the local default needs something that registers runners,
 rejects bad tokens and loses runners the way GitHub does, without network or
 secrets. It keeps everything in memory behind one lock; request handlers run
-in their own threads (``ThreadingHTTPServer``), and the only waits (the
-``delay`` and ``hang`` faults) are bounded and end early on :meth:`stop`.
+in their own threads (werkzeug's threaded server, :mod:`controlplane.local.wsgi`),
+and the only waits (the ``delay`` and ``hang`` faults) are bounded and end early
+on :meth:`stop`.
+
+Routing is werkzeug's: ``_routes()`` near the bottom lists every endpoint as
+(method, rule, handler, kind), and its docstring says how to add one.
 
 Differences from github.com worth knowing: scopes (a repository or an org)
 exist on first use unless ``scopes`` is given; names compare
@@ -73,9 +77,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from controlplane.local.wsgi import Served
 
 DEFAULT_PAT = "standin-pat"
 JWT_MAX_LIFETIME_S = 600                # GitHub refuses an App JWT that lives longer than 10 minutes
@@ -84,8 +93,7 @@ DEFAULT_TOKEN_TTL_S = 3600.0            # GitHub's registration and removal toke
 DEFAULT_OFFLINE_AFTER_S = 10.0
 HANG_LIMIT_S = 300.0                    # a ``hang`` fault gives up after this, so no thread lives forever
 HANG_POLL_S = 0.05
-SERVE_POLL_S = 0.2
-STOP_JOIN_TIMEOUT_S = 5.0
+SERVE_POLL_S = 0.2                      # how often ``main`` looks for SIGTERM
 DEFAULT_PER_PAGE = 30
 MAX_PER_PAGE = 100
 DEFAULT_LABELS = ("self-hosted", "Linux", "X64")   # what config.sh adds without --no-default-labels
@@ -190,21 +198,14 @@ _Handler = Callable[["GitHubStandIn", _Request], _Reply]
 @dataclass(frozen=True)
 class _Route:
     method: str
-    template: str
-    pattern: re.Pattern[str]
+    rule: str                               # werkzeug syntax: ``/repos/<owner>/<repo>/actions/runners/<int:runner_id>``
     handler: _Handler
     kind: str                               # "api" (needs the PAT) | "app" | "runner" | "control"
 
-
-def _compile(template: str) -> re.Pattern[str]:
-    """``/repos/{owner}/{repo}/actions/runners/{runner_id}`` -> an anchored regex."""
-    out = []
-    for i, part in enumerate(re.split(r"\{(\w+)\}", template)):
-        if i % 2 == 0:
-            out.append(re.escape(part))
-        else:
-            out.append(f"(?P<{part}>[0-9]+)" if part == "runner_id" else f"(?P<{part}>[^/]+)")
-    return re.compile("^" + "".join(out) + "$")
+    @property
+    def template(self) -> str:
+        """GitHub's documented spelling, ``/repos/{owner}/{repo}/...``: the key of the request counters."""
+        return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", self.rule)
 
 
 def _scope_of(params: dict[str, str]) -> str:
@@ -259,28 +260,6 @@ def _labels_of(value: object) -> list[str]:
     return [v.strip() for v in value if v.strip()]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True                   # a hung handler never blocks process exit
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], standin: GitHubStandIn) -> None:
-        super().__init__(address, _RequestHandler)
-        self.standin = standin
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "GitHubStandIn/1"
-
-    def _dispatch(self) -> None:
-        self.server.standin._serve(self)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: tests read the request counts from ``/_control/state`` instead."""
-
-
 class GitHubStandIn:
     """GitHub's runner REST API and runner service, in memory, on one local origin."""
 
@@ -314,9 +293,8 @@ class GitHubStandIn:
         self._installation_tokens: dict[str, float] = {}      # value -> expires_at
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: _Server | None = None
+        self._served: Served | None = None
         self._url = ""
-        self._thread: threading.Thread | None = None
         self._wipe()
 
     def _wipe(self) -> None:
@@ -335,29 +313,20 @@ class GitHubStandIn:
 
     def start(self) -> GitHubStandIn:
         """Bind and serve in a daemon thread; returns ``self``."""
-        if self._server is not None:
+        if self._served is not None:
             raise RuntimeError("the GitHub stand-in is already running")
         self._stopping.clear()
-        self._server = _Server((self.host, self.port), self)
-        self._url = f"http://{self.host}:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S},
-            name="github-standin", daemon=True,
-        )
-        self._thread.start()
+        self._served = Served(self._wsgi, host=self.host, port=self.port, name="github-standin",
+                              server_version="GitHubStandIn/1")
+        self._url = f"http://{self.host}:{self._served.port}"
         return self
 
     def stop(self) -> None:
         """Stop serving; requests held by ``hang``/``delay`` faults are answered 503."""
         self._stopping.set()
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(STOP_JOIN_TIMEOUT_S)
+        served, self._served = self._served, None
+        if served is not None:
+            served.stop()
 
     def __enter__(self) -> GitHubStandIn:
         return self.start()
@@ -368,7 +337,7 @@ class GitHubStandIn:
     @property
     def url(self) -> str:
         """``http://host:port``: the API base URL and the URL runners register against."""
-        if self._server is None:
+        if self._served is None:
             raise RuntimeError("the GitHub stand-in is not running")
         return self._url
 
@@ -490,33 +459,26 @@ class GitHubStandIn:
 
     # -- HTTP plumbing -------------------------------------------------------------
 
-    def _serve(self, http: _RequestHandler) -> None:
-        split = urlsplit(http.path)
-        path = split.path.rstrip("/") or "/"
-        method = http.command
-        route, params = self._match(method, path)
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The WSGI app: route with werkzeug, count the request by its route, answer."""
+        http = Request(environ)
+        path = http.path.rstrip("/") or "/"
+        try:
+            route, params = _ROUTES.bind("github").match(path, http.method)
+        except HTTPException:               # no such path, or not with this method: GitHub says 404
+            route, params = None, {}
         with self._lock:
-            self._requests[f"{method} {route.template if route else path}"] += 1
-        reply = self._answer(http, route, params, path, split.query)
-        self._write(http, reply)
+            self._requests[f"{http.method} {route.template if route else path}"] += 1
+        reply = self._answer(http, route, params, path)
+        return self._response(reply)(environ, start_response)
 
-    def _match(self, method: str, path: str) -> tuple[_Route | None, dict[str, str]]:
-        for route in ROUTES:
-            if route.method == method:
-                found = route.pattern.match(path)
-                if found:
-                    return route, found.groupdict()
-        return None, {}
-
-    def _answer(
-        self, http: _RequestHandler, route: _Route | None, params: dict[str, str], path: str, query: str,
-    ) -> _Reply:
+    def _answer(self, http: Request, route: _Route | None, params: dict[str, Any], path: str) -> _Reply:
         if route is None:
             return _Reply(404, {"message": "Not Found"})
         try:
             request = _Request(
-                method=route.method, path=path, params=params,
-                query={k: v[-1] for k, v in parse_qs(query).items()},
+                method=route.method, path=path, params={k: str(v) for k, v in params.items()},
+                query={k: v[-1] for k, v in http.args.lists()},
                 body=self._read_body(http), authorization=http.headers.get("Authorization", ""),
             )
             if route.kind != "control":
@@ -524,23 +486,20 @@ class GitHubStandIn:
                 if held is not None:
                     return held
             if route.kind == "api":
-                if not self._authorized(http.headers.get("Authorization", "")):
+                if not self._authorized(request.authorization):
                     return _Reply(401, {"message": "Bad credentials",
                                         "documentation_url": "https://docs.github.com/rest"})
-                if self.known_scopes is not None and _scope_of(params) not in self.known_scopes:
+                if self.known_scopes is not None and _scope_of(request.params) not in self.known_scopes:
                     return _Reply(404, {"message": "Not Found"})
             return route.handler(self, request)
         except _Fail as fail:
             return fail.reply
 
-    def _read_body(self, http: _RequestHandler) -> Any:
-        try:
-            length = int(http.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise _Fail(400, "bad Content-Length") from None
-        if length <= 0:
+    @staticmethod
+    def _read_body(http: Request) -> Any:
+        raw = http.get_data(cache=False)
+        if not raw:
             return None
-        raw = http.rfile.read(length)
         try:
             return json.loads(raw)
         except ValueError:
@@ -557,20 +516,14 @@ class GitHubStandIn:
             expires_at = self._installation_tokens.get(credential)
         return expires_at is not None and time.time() < expires_at
 
-    def _write(self, http: _RequestHandler, reply: _Reply) -> None:
+    @staticmethod
+    def _response(reply: _Reply) -> Response:
         payload = b"" if reply.body is None else json.dumps(reply.body).encode()
-        try:
-            http.send_response(reply.status)
-            for key, value in reply.headers:
-                http.send_header(key, value)
-            if reply.body is not None:
-                http.send_header("Content-Type", "application/json; charset=utf-8")
-            http.send_header("Content-Length", str(len(payload)))
-            http.end_headers()
-            if payload:
-                http.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):
-            pass                            # the client gave up (its timeout); nothing to tell it
+        response = Response(payload, reply.status, headers=list(reply.headers),
+                            content_type="application/json; charset=utf-8")
+        if reply.body is None:
+            del response.headers["Content-Type"]
+        return response
 
     # -- faults ----------------------------------------------------------------------
 
@@ -1003,13 +956,22 @@ class GitHubStandIn:
 
 
 def _routes() -> tuple[_Route, ...]:
+    """Every endpoint, in werkzeug's rule syntax; ``_ROUTES`` below routes by them.
+
+    To add an endpoint, write a handler method ``(self, request: _Request) -> _Reply`` (raise
+    :class:`_Fail` for an error reply) and add one line here: to ``api`` for a REST endpoint that
+    exists under both ``/repos/<owner>/<repo>`` and ``/orgs/<org>`` (PAT-checked, scope-checked,
+    faults apply), or to ``others`` with its kind. Path parameters arrive in ``request.params`` as
+    strings; ``<int:...>`` only matches digits. The request counters in :meth:`state` key on
+    ``"METHOD /path/{param}"`` (GitHub's documented spelling).
+    """
     S = GitHubStandIn
     api: list[tuple[str, str, _Handler]] = [
         ("POST", "/actions/runners/registration-token", S._registration_token),
         ("POST", "/actions/runners/remove-token", S._remove_token),
         ("GET", "/actions/runners", S._list_runners),
-        ("GET", "/actions/runners/{runner_id}", S._get_runner),
-        ("DELETE", "/actions/runners/{runner_id}", S._delete_runner),
+        ("GET", "/actions/runners/<int:runner_id>", S._get_runner),
+        ("DELETE", "/actions/runners/<int:runner_id>", S._delete_runner),
         ("POST", "/actions/runners/generate-jitconfig", S._generate_jitconfig),
         ("GET", "/actions/runners/{runner_id}/labels", S._get_labels),
         ("POST", "/actions/runners/{runner_id}/labels", S._add_labels),
@@ -1018,12 +980,12 @@ def _routes() -> tuple[_Route, ...]:
         ("DELETE", "/actions/runners/{runner_id}/labels/{name}", S._remove_label),
     ]
     routes = [
-        _Route(method, prefix + suffix, _compile(prefix + suffix), handler, "api")
-        for prefix in ("/repos/{owner}/{repo}", "/orgs/{org}")
+        _Route(method, prefix + suffix, handler, "api")
+        for prefix in ("/repos/<owner>/<repo>", "/orgs/<org>")
         for method, suffix, handler in api
     ]
     others: list[tuple[str, str, _Handler, str]] = [
-        ("POST", "/app/installations/{installation_id}/access_tokens", S._installation_token, "app"),
+        ("POST", "/app/installations/<int:installation_id>/access_tokens", S._installation_token, "app"),
         ("POST", "/_runner/register", S._register, "runner"),
         ("POST", "/_runner/remove", S._remove, "runner"),
         ("POST", "/_runner/ping", S._ping, "runner"),
@@ -1037,11 +999,13 @@ def _routes() -> tuple[_Route, ...]:
         ("GET", "/_control/state", S._control_state, "control"),
         ("POST", "/_control/reset", S._control_reset, "control"),
     ]
-    routes += [_Route(method, path, _compile(path), handler, kind) for method, path, handler, kind in others]
+    routes += [_Route(method, rule, handler, kind) for method, rule, handler, kind in others]
     return tuple(routes)
 
 
-ROUTES = _routes()
+# The endpoint of each werkzeug Rule is its _Route; trailing slashes are stripped before matching.
+_ROUTES = Map([Rule(r.rule, methods=[r.method], endpoint=r) for r in _routes()],
+              strict_slashes=False, merge_slashes=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,13 @@ tells instances apart by the source address of the connection (each instance
 has its own link-local address), as EC2 does. There it also serves the
 instance role's credentials, which is how boto3 on a rootfs instance gets
 them (the process kind passes them in the environment instead).
+
+Routing is werkzeug's: ``_ROUTES`` at the bottom is the table of GET paths,
+one ``Rule`` per path with a handler as its endpoint. Adding a path (say
+``latest/meta-data/spot/instance-action``) is one ``Rule`` there plus its
+handler method; the token check, the instance lookup and the 404 for a
+handler's ``None`` apply to every route without further code. Serving is
+:class:`controlplane.local.wsgi.Served` (werkzeug's threaded server).
 """
 from __future__ import annotations
 
@@ -34,12 +41,22 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from controlplane.local.wsgi import Served
+
 TOKEN_TTL_MAX_S = 21600
-STOP_JOIN_TIMEOUT_S = 5.0
+TOKEN_PATH = "/latest/api/token"
+SERVER_VERSION = "EC2ws"                             # the Server header EC2's IMDS sends
+
+# A GET route's endpoint: (standin, instance, **path parameters) -> body, Response, or None (404).
+_ImdsHandler = Callable[..., "bytes | Response | None"]
 
 
 @dataclass(frozen=True)
@@ -68,51 +85,6 @@ class ImdsInstance:
         }
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, standin: ImdsStandIn, sock: socket.socket | None = None) -> None:
-        self.standin = standin
-        self.by_source = sock is not None                 # the instance is the client's address, not a prefix
-        if sock is None:
-            super().__init__(("127.0.0.1", 0), _Handler)
-            return
-        super().__init__(sock.getsockname(), _Handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-        self.server_address = sock.getsockname()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "EC2ws"
-
-    def _path(self) -> str:
-        if not self.server.by_source:
-            return self.path
-        return "/" + self.server.standin.by_address(self.client_address[0]) + self.path
-
-    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
-        self._reply(*self.server.standin._put(self._path(), self.headers))
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._reply(*self.server.standin._get(self._path(), self.headers))
-
-    def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        """Quiet: the agent logs what it got."""
-
-
 class ImdsStandIn:
     """IMDSv2 for many simulated instances on one local port."""
 
@@ -120,42 +92,30 @@ class ImdsStandIn:
         self._lock = threading.Lock()
         self._instances: dict[str, ImdsInstance] = {}
         self._tokens: dict[str, tuple[str, float]] = {}      # token -> (instance id, expires monotonic)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._extra: list[tuple[_Server, threading.Thread]] = []
+        self._served: Served | None = None
+        self._extra: list[Served] = []                      # serve_on() sockets, instances known by address
         self._addresses: dict[str, str] = {}              # source address -> instance id
         self.port = 0
 
     def start(self) -> ImdsStandIn:
-        if self._server is not None:
+        if self._served is not None:
             raise RuntimeError("the IMDS stand-in is already running")
-        self._server = _Server(self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="imds-standin", daemon=True)
-        self._thread.start()
+        self._served = Served(self._by_prefix, name="imds-standin", server_version=SERVER_VERSION)
+        self.port = self._served.port
         return self
 
     def serve_on(self, sock: socket.socket) -> None:
         """Also answer on ``sock`` (a listening socket), knowing instances by their source address."""
-        server = _Server(self, sock)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                  name="imds-standin-hub", daemon=True)
-        thread.start()
+        served = Served(self._by_source, sock=sock, name="imds-standin-hub", server_version=SERVER_VERSION)
         with self._lock:
-            self._extra.append((server, thread))
+            self._extra.append(served)
 
     def stop(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
+        served, self._served = self._served, None
         with self._lock:
             extra, self._extra = self._extra, []
-        for s, t in [(server, thread)] + extra:
-            if s is not None:
-                s.shutdown()
-                s.server_close()
-            if t is not None:
-                t.join(STOP_JOIN_TIMEOUT_S)
+        for each in ([served] if served is not None else []) + extra:
+            each.stop()
 
     def by_address(self, address: str) -> str:
         """The instance that has ``address`` ('-' if none: every request then gets 404)."""
@@ -196,83 +156,117 @@ class ImdsStandIn:
 
     # -- request handling ---------------------------------------------------------
 
-    def _split(self, path: str) -> tuple[str, str]:
-        path = path.split("?", 1)[0]
-        parts = path.lstrip("/").split("/", 1)
-        return parts[0], "/" + (parts[1] if len(parts) > 1 else "")
+    def _by_prefix(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """WSGI app of the 127.0.0.1 port: ``/<instance-id>/latest/...``."""
+        request = Request(environ)
+        instance_id, _, rest = request.path.lstrip("/").partition("/")
+        return self._answer(request, instance_id, "/" + rest)(environ, start_response)
 
-    def _put(self, raw_path: str, headers: Any) -> tuple[int, bytes]:
-        instance_id, path = self._split(raw_path)
+    def _by_source(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """WSGI app of a :meth:`serve_on` socket: ``/latest/...``, the instance is the client's address."""
+        request = Request(environ)
+        instance_id = self.by_address(request.remote_addr or "")
+        return self._answer(request, instance_id, request.path)(environ, start_response)
+
+    def _answer(self, request: Request, instance_id: str, path: str) -> Response:
         with self._lock:
-            known = instance_id in self._instances
-        if not known:
-            return 404, b"Not Found"
-        if path != "/latest/api/token":
-            return 405, b"Method Not Allowed"
-        if headers.get("X-Forwarded-For"):
-            return 403, b"Forbidden"
+            inst = self._instances.get(instance_id)
+        if inst is None:
+            return _text(404, "Not Found")
+        if path == TOKEN_PATH and request.method == "PUT":
+            return self._token(request, instance_id)
+        if request.method != "GET":
+            return _text(405, "Method Not Allowed")
+        with self._lock:
+            grant = self._tokens.get(request.headers.get("X-aws-ec2-metadata-token") or "")
+        if grant is None or grant[0] != instance_id or grant[1] <= time.monotonic():
+            return _text(401, "Unauthorized")
         try:
-            ttl = int(headers.get("X-aws-ec2-metadata-token-ttl-seconds", ""))
+            handler, params = _ROUTES.bind("imds").match(path.rstrip("/") or "/", "GET")
+        except HTTPException:
+            return _text(404, "Not Found")
+        reply = handler(self, inst, **params)
+        if reply is None:
+            return _text(404, "Not Found")
+        return reply if isinstance(reply, Response) else Response(reply, 200, content_type="text/plain")
+
+    def _token(self, request: Request, instance_id: str) -> Response:
+        """``PUT /latest/api/token``: a session token for this instance, valid its TTL."""
+        if request.headers.get("X-Forwarded-For"):
+            return _text(403, "Forbidden")
+        try:
+            ttl = int(request.headers.get("X-aws-ec2-metadata-token-ttl-seconds", ""))
         except ValueError:
-            return 400, b"Missing or invalid X-aws-ec2-metadata-token-ttl-seconds"
+            return _text(400, "Missing or invalid X-aws-ec2-metadata-token-ttl-seconds")
         if not 1 <= ttl <= TOKEN_TTL_MAX_S:
-            return 400, b"X-aws-ec2-metadata-token-ttl-seconds must be 1..21600"
+            return _text(400, "X-aws-ec2-metadata-token-ttl-seconds must be 1..21600")
         token = secrets.token_urlsafe(32)
         with self._lock:
             now = time.monotonic()
             self._tokens = {t: v for t, v in self._tokens.items() if v[1] > now}
             self._tokens[token] = (instance_id, now + ttl)
-        return 200, token.encode()
+        return _text(200, token)
 
-    def _get(self, raw_path: str, headers: Any) -> tuple[int, bytes, str]:
-        instance_id, path = self._split(raw_path)
-        with self._lock:
-            inst = self._instances.get(instance_id)
-            grant = self._tokens.get(headers.get("X-aws-ec2-metadata-token") or "")
-        if inst is None:
-            return 404, b"Not Found", "text/plain"
-        if grant is None or grant[0] != instance_id or grant[1] <= time.monotonic():
-            return 401, b"Unauthorized", "text/plain"
-        value = self._value(inst, path.rstrip("/") if path != "/latest/meta-data/" else path)
-        if value is None:
-            return 404, b"Not Found", "text/plain"
-        if path.endswith("instance-identity/document"):
-            return 200, value, "application/json"
-        return 200, value, "text/plain"
+    # -- GET handlers: (instance, path parameters) -> body (text/plain), a Response, or None (404) ---------
 
-    @staticmethod
-    def _value(inst: ImdsInstance, path: str) -> bytes | None:
-        md = "/latest/meta-data"
-        simple = {
-            md + "/instance-id": inst.instance_id,
-            md + "/instance-type": inst.instance_type,
-            md + "/ami-id": inst.image_id,
-            md + "/placement/availability-zone": inst.availability_zone,
-            md + "/placement/region": inst.region,
-            md + "/services/partition": inst.partition,
-            md + "/services/domain": "amazonaws.com",
-            md + "/tags/instance": "\n".join(sorted(inst.tags)),
-        }
-        if path in simple:
-            return simple[path].encode()
-        creds = md + "/iam/security-credentials"
-        if inst.role and path == creds:
-            return inst.role.encode()
-        if inst.role and path == f"{creds}/{inst.role}":
-            return json.dumps({
-                "Code": "Success", "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "Type": "AWS-HMAC", "AccessKeyId": inst.credentials.get("AccessKeyId", ""),
-                "SecretAccessKey": inst.credentials.get("SecretAccessKey", ""),
-                "Token": inst.credentials.get("Token", ""),
-                "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600)),
-            }).encode()
-        if path == md + "/" or path == md:
-            return b"ami-id\n" + (b"iam/\n" if inst.role else b"") + b"instance-id\ninstance-type\nplacement/\nservices/\ntags/"
-        if path == "/latest/dynamic/instance-identity/document":
-            return json.dumps(inst.identity_document(), indent=2).encode()
-        if path == "/latest/user-data":
-            return inst.user_data if inst.user_data else None
-        prefix = md + "/tags/instance/"
-        if path.startswith(prefix) and path[len(prefix):] in inst.tags:
-            return inst.tags[path[len(prefix):]].encode()
-        return None
+    def _meta_data_index(self, inst: ImdsInstance) -> bytes:
+        return b"ami-id\n" + (b"iam/\n" if inst.role else b"") + b"instance-id\ninstance-type\nplacement/\nservices/\ntags/"
+
+    def _identity_document(self, inst: ImdsInstance) -> Response:
+        return Response(json.dumps(inst.identity_document(), indent=2), 200, content_type="application/json")
+
+    def _user_data(self, inst: ImdsInstance) -> bytes | None:
+        return inst.user_data or None
+
+    def _tag_keys(self, inst: ImdsInstance) -> bytes:
+        return "\n".join(sorted(inst.tags)).encode()
+
+    def _tag(self, inst: ImdsInstance, key: str) -> bytes | None:
+        return inst.tags[key].encode() if key in inst.tags else None
+
+    def _role_name(self, inst: ImdsInstance) -> bytes | None:
+        return inst.role.encode() if inst.role else None
+
+    def _role_credentials(self, inst: ImdsInstance, role: str) -> bytes | None:
+        if not inst.role or role != inst.role:
+            return None
+        return json.dumps({
+            "Code": "Success", "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "Type": "AWS-HMAC", "AccessKeyId": inst.credentials.get("AccessKeyId", ""),
+            "SecretAccessKey": inst.credentials.get("SecretAccessKey", ""),
+            "Token": inst.credentials.get("Token", ""),
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600)),
+        }).encode()
+
+
+def _text(status: int, body: str) -> Response:
+    return Response(body, status, content_type="text/plain")
+
+
+def _field(name: str) -> _ImdsHandler:
+    """A handler answering one attribute of :class:`ImdsInstance`."""
+    return lambda _standin, inst: str(getattr(inst, name)).encode()
+
+# The GET paths, after the instance prefix and without a trailing slash (a request's is ignored).
+# To serve a new path, add a Rule whose endpoint is a handler ``(standin, instance, **params)``
+# returning the body (text/plain), a Response (another type or status), or None for 404, e.g.
+#     Rule("/latest/meta-data/spot/instance-action", endpoint=ImdsStandIn._spot_action)
+# werkzeug converters give typed parameters (``<path:key>`` may hold slashes). Every route is
+# token-checked before it runs; only ``PUT /latest/api/token`` (``_token``) is not a GET route.
+_MD = "/latest/meta-data"
+_ROUTES = Map([
+    Rule("/latest/dynamic/instance-identity/document", endpoint=ImdsStandIn._identity_document),
+    Rule("/latest/user-data", endpoint=ImdsStandIn._user_data),
+    Rule(_MD, endpoint=ImdsStandIn._meta_data_index),
+    Rule(f"{_MD}/instance-id", endpoint=_field("instance_id")),
+    Rule(f"{_MD}/instance-type", endpoint=_field("instance_type")),
+    Rule(f"{_MD}/ami-id", endpoint=_field("image_id")),
+    Rule(f"{_MD}/placement/availability-zone", endpoint=_field("availability_zone")),
+    Rule(f"{_MD}/placement/region", endpoint=_field("region")),
+    Rule(f"{_MD}/services/partition", endpoint=_field("partition")),
+    Rule(f"{_MD}/services/domain", endpoint=lambda _standin, _inst: b"amazonaws.com"),
+    Rule(f"{_MD}/tags/instance", endpoint=ImdsStandIn._tag_keys),
+    Rule(f"{_MD}/tags/instance/<path:key>", endpoint=ImdsStandIn._tag),
+    Rule(f"{_MD}/iam/security-credentials", endpoint=ImdsStandIn._role_name),
+    Rule(f"{_MD}/iam/security-credentials/<role>", endpoint=ImdsStandIn._role_credentials),
+], strict_slashes=False, merge_slashes=False)

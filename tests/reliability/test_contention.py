@@ -27,7 +27,9 @@ PROVISION_DEADLINE_S = 400     # for all twenty; each is bounded by its own vali
 
 
 def test_twenty_concurrent_runs_share_a_pool_of_thirty_without_a_double_claim(make_pool: Any, emu: Emu) -> None:
-    pool = make_pool(**RELIABLE)
+    # Thirty agents and twenty provisions on a busy 2-core CI machine: an agent starved of CPU for 15 s
+    # is no death here, and this test is about claims, not health (test_faults owns staleness).
+    pool = make_pool(**{**RELIABLE, "heartbeat_stale_s": 60})
     warm = provision(pool, ProvisionRequest(f"warm-{uuid.uuid4().hex[:6]}", "small", POOL))
     assert warm.ok, warm.reason
     assert sorted(release(pool, warm.run_id).returned_to_pool) == sorted(warm.instance_ids)

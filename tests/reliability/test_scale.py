@@ -51,6 +51,7 @@ def counted(fn: Any) -> tuple[Any, dict[str, int]]:
         aws.stop_counting(token)
 
 
+@pytest.mark.timeout(900)    # pages of rows through moto on a busy 2-core machine: 300 s was seen exceeded
 def test_refresh_and_reconcile_over_pages_of_rows_act_on_every_planted_item_and_nothing_else(
         world: World) -> None:
     gh, clock = world.client, ahead_clock()
