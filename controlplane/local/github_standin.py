@@ -973,11 +973,11 @@ def _routes() -> tuple[_Route, ...]:
         ("GET", "/actions/runners/<int:runner_id>", S._get_runner),
         ("DELETE", "/actions/runners/<int:runner_id>", S._delete_runner),
         ("POST", "/actions/runners/generate-jitconfig", S._generate_jitconfig),
-        ("GET", "/actions/runners/{runner_id}/labels", S._get_labels),
-        ("POST", "/actions/runners/{runner_id}/labels", S._add_labels),
-        ("PUT", "/actions/runners/{runner_id}/labels", S._set_labels),
-        ("DELETE", "/actions/runners/{runner_id}/labels", S._remove_all_labels),
-        ("DELETE", "/actions/runners/{runner_id}/labels/{name}", S._remove_label),
+        ("GET", "/actions/runners/<int:runner_id>/labels", S._get_labels),
+        ("POST", "/actions/runners/<int:runner_id>/labels", S._add_labels),
+        ("PUT", "/actions/runners/<int:runner_id>/labels", S._set_labels),
+        ("DELETE", "/actions/runners/<int:runner_id>/labels", S._remove_all_labels),
+        ("DELETE", "/actions/runners/<int:runner_id>/labels/<name>", S._remove_label),
     ]
     routes = [
         _Route(method, prefix + suffix, handler, "api")
