@@ -281,9 +281,10 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
+
+    p = _pool(args)                     # the first AWS call, before the command's own imports
     from controlplane.reconcile import reconcile
 
-    p = _pool(args)
     res = reconcile(p, dry_run=args.dry_run, github=_github(p.config, required=False),
                     progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
@@ -291,9 +292,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    p = _pool(args)                     # the first AWS call, before the command's own imports
     from controlplane.status import pool_status
 
-    st = pool_status(_pool(args))
+    st = pool_status(p)
     _emit(args, st.to_dict(), lambda: print(st.render()))
     return 0
 

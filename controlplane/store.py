@@ -219,7 +219,8 @@ def load_pool(name: str, region: str) -> Pool:
         raise ConfigError(f"pool {name!r} has a table but no stored config",
                           hint="run `runner-pool pool apply --config pool.yaml`")
     body = json.loads(item["body"]["S"])
-    from controlplane.config import parse_config     # pydantic: after the first AWS call (fast command start)
+    # pydantic only now, after the first AWS call (fast command start)
+    from controlplane.config import parse_config
 
     cfg = parse_config(body["config"], f"stored config of pool {name}")
     return Pool(cfg, body["account"], body["partition"])

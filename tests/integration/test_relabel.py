@@ -109,7 +109,7 @@ def test_a_refused_relabel_falls_back_to_a_fresh_registration_for_that_runner_al
         make_pool: Any, emu: Emu) -> None:
     pool, first = warm_pool(make_pool, emu, 3)
     before = runner_ids(pool, first.instance_ids)
-    refused = sorted(first.instance_ids)[0]
+    refused = min(first.instance_ids)
     emu.github_fault(mode="fail", name_contains=refused, path_contains="/labels", status=422, count=1,
                      message="Validation Failed")
 
@@ -134,7 +134,7 @@ def test_a_refused_relabel_falls_back_to_a_fresh_registration_for_that_runner_al
 
 
 def test_a_label_change_that_takes_effect_late_is_waited_for_not_assumed(make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 2)
+    pool, _ = warm_pool(make_pool, emu, 2)
     set_label_delay(emu, 2.0)
     try:
         second = prov(pool, 2)
