@@ -27,6 +27,7 @@ from typing import Any
 
 import pulumi
 
+from controlplane import inputs
 from controlplane.config import CLASS_RE, NAME_RE, USAGE_CLASSES, PoolConfig, parse_config
 from controlplane.errors import ConfigErrors
 from dynamic_providers import (
@@ -41,7 +42,6 @@ from dynamic_providers import (
     StateTable,
     StateTableArgs,
 )
-from dynamic_providers.runner_fleet import MAX_COUNT, REGION_RE, RUN_ID_RE
 
 KINDS = ("pool", "run")
 
@@ -185,16 +185,15 @@ def run_stack(cfg: pulumi.Config) -> None:
             problems.add("poolName", f"{pool_name!r} is not a pool name", "lowercase letters, digits, '-' (max 30)")
         if not region:
             problems.add("region", "is not set", "set runner-pool:region to the pool's region, e.g. us-east-1")
-        elif not re.match(REGION_RE, region):
+        elif not inputs.region_ok(region):
             problems.add("region", f"{region!r} is not an AWS region", "use a region such as us-east-1")
 
     run_id = _text(cfg, "runId")
     if not run_id:
         problems.add("runId", "is not set",
                      "set it per run, e.g. `pulumi config set runId ${{ github.run_id }}-${{ github.run_attempt }}`")
-    elif not RUN_ID_RE.match(run_id):
-        problems.add("runId", f"{run_id!r} is not valid",
-                     "1-100 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
+    elif not inputs.run_id_ok(run_id):
+        problems.add("runId", f"{run_id!r} is not valid", inputs.RUN_ID_RULE)
     resource_class = _text(cfg, "resourceClass")
     if not resource_class:
         problems.add("resourceClass", "is not set", "set it to a resource class of the pool, e.g. small")
@@ -203,15 +202,15 @@ def run_stack(cfg: pulumi.Config) -> None:
     try:
         count = cfg.get_int("count")
     except pulumi.ConfigTypeError:
-        problems.add("count", f"{cfg.get('count')!r} is not a whole number", f"set it to 1..{MAX_COUNT}")
+        problems.add("count", f"{cfg.get('count')!r} is not a whole number", f"set it to {inputs.MIN_COUNT}..{inputs.MAX_COUNT}")
         count = None
     else:
         if count is None:
             count = 1
-        if not 1 <= count <= MAX_COUNT:
-            problems.add("count", f"{count} is out of range", f"set it to 1..{MAX_COUNT}")
+        if not inputs.count_ok(count):
+            problems.add("count", f"{count} is out of range", f"set it to {inputs.MIN_COUNT}..{inputs.MAX_COUNT}")
     usage_class = _text(cfg, "usageClass")
-    if usage_class is not None and usage_class not in USAGE_CLASSES:
+    if not inputs.usage_class_ok(usage_class):
         problems.add("usageClass", f"{usage_class!r} is not a usage class",
                      f"use one of {', '.join(USAGE_CLASSES)}, or leave it unset")
     problems.raise_if_any()

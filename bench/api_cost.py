@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 
 def per_runner(calls: dict[str, int], n: int, services: tuple[str, ...] = ("dynamodb", "sqs")) -> float:

@@ -53,8 +53,17 @@ from controlplane.reconcile import reconcile, snapshot  # noqa: E402
 from controlplane.refresh import refresh  # noqa: E402
 from tests.reliability import invariants  # noqa: E402
 from tests.reliability.scale_fixture import (  # noqa: E402
-    KINDS, World, ahead_clock, check_end_state, check_reconcile, check_refresh, expected_actions,
-    expected_expired, local_world, plant, pool_config,
+    KINDS,
+    World,
+    ahead_clock,
+    check_end_state,
+    check_reconcile,
+    check_refresh,
+    expected_actions,
+    expected_expired,
+    local_world,
+    plant,
+    pool_config,
 )
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
@@ -73,15 +82,13 @@ def stats(xs: list[float]) -> dict[str, float]:
 
 def timed(world: World, fn: Callable[[], T]) -> tuple[T, float, dict[str, int], dict[str, int]]:
     """Run ``fn``: its result, wall seconds, AWS calls by operation, GitHub requests by endpoint."""
-    counter = aws.CallCounter()
     before = Counter(world.github.state()["requests"])
-    token = aws.counting(counter)
-    started = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        elapsed = time.perf_counter() - started
-        aws.stop_counting(token)
+    with aws.counted() as counter:
+        started = time.perf_counter()
+        try:
+            out = fn()
+        finally:
+            elapsed = time.perf_counter() - started
     github = Counter(world.github.state()["requests"])
     github.subtract(before)
     calls = dict(sorted(counter.snapshot().items()))

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 PHASES = ("selection", "creation", "validation", "commit", "total")
 # Validation is mostly the instances' own work: each agent notices its claim, runs config.sh and

@@ -8,13 +8,12 @@ call. ``destroy_pool`` terminates the pool's instances and removes it all.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controlplane import aws, launch_template, pool, store, token
-from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
+from controlplane import aws, launch_template, pool, store, termination, token
+from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigErrors
 from controlplane.github import GitHubClient, github_client_for
@@ -72,11 +71,9 @@ def check_network(cfg: PoolConfig) -> None:
     Describe calls with filters answer with what exists instead of failing on
     the first unknown id, so every missing one is named at once.
     """
-    from botocore.exceptions import ClientError
-
     ec2 = aws.client("ec2", cfg.region)
     problems = []
-    try:
+    with aws.mapped("ec2:DescribeSubnets/DescribeSecurityGroups"):
         found = {s["SubnetId"] for s in ec2.describe_subnets(
             Filters=[{"Name": "subnet-id", "Values": list(cfg.subnets)}])["Subnets"]}
         missing = [s for s in cfg.subnets if s not in found]
@@ -88,8 +85,6 @@ def check_network(cfg: PoolConfig) -> None:
             missing = [g for g in cfg.security_groups if g not in found]
             if missing:
                 problems.append(f"security_groups: {missing} not found in {cfg.region} (check the ids and the region)")
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:DescribeSubnets/DescribeSecurityGroups") from exc
     if problems:
         raise ConfigErrors(problems)
 
@@ -110,7 +105,7 @@ class DestroyResult:
 def pool_instance_ids(cfg: PoolConfig, states: tuple[str, ...] = ("pending", "running", "stopping", "stopped")
                       ) -> list[str]:
     ec2 = aws.client("ec2", cfg.region)
-    ids = []
+    ids: list[str] = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=[
             {"Name": "tag:runner-pool:pool", "Values": [cfg.name]},
             {"Name": "instance-state-name", "Values": list(states)}]):
@@ -119,71 +114,9 @@ def pool_instance_ids(cfg: PoolConfig, states: tuple[str, ...] = ("pending", "ru
     return ids
 
 
-# Right after CreateFleet, EC2's other APIs may not know an instance yet (eventual consistency:
-# https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html), and TerminateInstances
-# answers InvalidInstanceID.NotFound for it. An instance that was terminated stays known for about
-# an hour, so a NotFound that persists means the id never existed here. Such ids are retried with
-# backoff for NOT_FOUND_RETRY_S, then reported as not found (never silently dropped).
-NOT_FOUND_RETRY_S = 30.0
-NOT_FOUND_BACKOFF_S = (0.5, 8.0)      # first delay, longest delay
-
-
-@dataclass(frozen=True)
-class Termination:
-    terminated: list[str]
-    not_found: list[str]              # still InvalidInstanceID.NotFound after the retries
-
-
-def terminate(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK,
-              not_found_retry_s: float = NOT_FOUND_RETRY_S) -> Termination:
-    """TerminateInstances in batches; an id EC2 does not know (yet) is retried, then reported."""
-    from botocore.exceptions import ClientError
-
-    ec2 = aws.client("ec2", region)
-    done: list[str] = []
-    unknown: list[str] = []
-    for chunk in aws.chunks(sorted(set(instance_ids)), 500):
-        try:
-            ec2.terminate_instances(InstanceIds=chunk)
-            done.extend(chunk)
-            continue
-        except ClientError as exc:
-            if aws.error_code(exc) != "InvalidInstanceID.NotFound":
-                raise aws.wrap(exc, "ec2:TerminateInstances") from exc
-        unknown.extend(_terminate_one_by_one(ec2, chunk, done))   # one unknown id fails the whole call
-    deadline = Deadline(not_found_retry_s, clock)
-    delay = NOT_FOUND_BACKOFF_S[0]
-    attempts = 1
-    while unknown and not deadline.expired:
-        clock.sleep(min(delay, deadline.remaining_s))
-        delay = min(delay * 2, NOT_FOUND_BACKOFF_S[1])
-        attempts += 1
-        unknown = _terminate_one_by_one(ec2, unknown, done)
-    if unknown:
-        event("terminate.not_found", logging.WARNING, instance_ids=unknown, attempts=attempts,
-              retried_s=round(deadline.elapsed_s, 1))
-    return Termination(done, unknown)
-
-
-def _terminate_one_by_one(ec2: Any, instance_ids: list[str], done: list[str]) -> list[str]:
-    """Terminate each id on its own, appending the terminated to ``done``; returns the ids EC2 does not know."""
-    from botocore.exceptions import ClientError
-
-    not_found: list[str] = []
-    for iid in instance_ids:
-        try:
-            ec2.terminate_instances(InstanceIds=[iid])
-            done.append(iid)
-        except ClientError as exc:
-            if aws.error_code(exc) != "InvalidInstanceID.NotFound":
-                raise aws.wrap(exc, "ec2:TerminateInstances") from exc
-            not_found.append(iid)
-    return not_found
-
-
 def terminate_instances(region: str, instance_ids: list[str], clock: Clock = SYSTEM_CLOCK) -> list[str]:
-    """The ids :func:`terminate` terminated; those EC2 never knew are logged (``terminate.not_found``)."""
-    return terminate(region, instance_ids, clock).terminated
+    """The ids EC2 terminated (see :func:`controlplane.termination.terminate_ec2`; unknown ids are logged)."""
+    return termination.terminate_ec2(region, instance_ids, clock).terminated
 
 
 def destroy_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: Progress = QUIET) -> DestroyResult:

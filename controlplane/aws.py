@@ -45,13 +45,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 
-from controlplane.errors import AwsError
+from controlplane.errors import AlreadyExists as AlreadyExists
+from controlplane.errors import AwsError as AwsError
+from controlplane.errors import ConditionFailed as ConditionFailed
+from controlplane.errors import NotFound as NotFound
+from controlplane.errors import Throttled as Throttled
+from controlplane.errors import Unreachable as Unreachable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,13 +104,15 @@ class CallCounter:
 _counter: contextvars.ContextVar[CallCounter | None] = contextvars.ContextVar("rp_call_counter", default=None)
 
 
-def counting(counter: CallCounter) -> contextvars.Token[CallCounter | None]:
-    """Count the AWS calls of this context (and threads started by :func:`parallel`)."""
-    return _counter.set(counter)
-
-
-def stop_counting(token: contextvars.Token[CallCounter | None]) -> None:
-    _counter.reset(token)
+@contextmanager
+def counted() -> Iterator[CallCounter]:
+    """Count the AWS calls made inside the block (and in threads started by :func:`parallel`)."""
+    counter = CallCounter()
+    token = _counter.set(counter)
+    try:
+        yield counter
+    finally:
+        _counter.reset(token)
 
 
 def _count_call(model: Any, **_: Any) -> None:
@@ -162,7 +170,7 @@ def client(service: str, region: str, *, attempts: int = MAX_ATTEMPTS) -> Any:
         with _clients_lock:
             c = _clients.get(key)
             if c is None:
-                c = boto3.session.Session().client(service, config=_config(region, attempts))
+                c = boto3.session.Session().client(service, config=_config(region, attempts))  # type: ignore[call-overload]  # service is any name
                 c.meta.events.register("before-call", _count_call)
                 c.meta.events.register_first("needs-retry", _retry_unreachable)
                 _clients[key] = c
@@ -174,26 +182,77 @@ def fleet_client(region: str) -> Any:
     return client("ec2", region, attempts=FLEET_MAX_ATTEMPTS)
 
 
+NOT_FOUND_CODES = frozenset({
+    "ResourceNotFoundException", "ParameterNotFound", "InvalidInstanceID.NotFound",
+    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
+    "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound",
+})
+ALREADY_EXISTS_CODES = frozenset({"ResourceInUseException", "QueueAlreadyExists", "QueueNameExists"})
+CONDITION_FAILED_CODES = frozenset({"ConditionalCheckFailedException", "TransactionCanceledException"})
+
+
 def error_code(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
 
 
-def is_conditional_failure(exc: BaseException) -> bool:
-    return error_code(exc) in {"ConditionalCheckFailedException", "TransactionCanceledException"}
-
-
 def wrap(exc: BaseException, doing: str, hint: str = "") -> AwsError:
-    """Map a botocore error once, keeping AWS's code; callers ``raise ... from exc``."""
+    """Map a botocore error once into a typed :class:`AwsError`, keeping AWS's code."""
     code = error_code(exc)
     if isinstance(exc, ClientError):
         msg = exc.response.get("Error", {}).get("Message", "") or str(exc)
-        return AwsError(f"{doing} failed: {code}: {msg}", code=code, hint=hint)
+        text = f"{doing} failed: {code}: {msg}"
+        if code in CONDITION_FAILED_CODES:
+            item = exc.response.get("Item")             # ReturnValuesOnConditionCheckFailure=ALL_OLD
+            return ConditionFailed(text, code=code, hint=hint, item=dict(item) if isinstance(item, dict) else None)
+        kind = (NotFound if code in NOT_FOUND_CODES else AlreadyExists if code in ALREADY_EXISTS_CODES
+                else Throttled if code in THROTTLING_CODES else AwsError)
+        return kind(text, code=code, hint=hint)
     if isinstance(exc, BotoCoreError):
-        return AwsError(f"{doing} failed: {exc}", code=type(exc).__name__,
-                        hint=hint or "check AWS_ENDPOINT_URL / network / credentials")
+        return Unreachable(f"{doing} failed: {exc}", str(exc), code=type(exc).__name__,
+                           hint=hint or "check AWS_ENDPOINT_URL / network / credentials")
     return AwsError(f"{doing} failed: {exc}", hint=hint)
+
+
+def unreachable(exc: BaseException) -> Unreachable | None:
+    """``exc`` as :class:`Unreachable` when it is the SDK failing to talk to AWS (mapped or raw), else None."""
+    if isinstance(exc, Unreachable):
+        return exc
+    if isinstance(exc, BotoCoreError):
+        return Unreachable(f"AWS call failed: {exc}", str(exc), code=type(exc).__name__)
+    return None
+
+
+@contextmanager
+def mapped(doing: str, hint: str = "") -> Iterator[None]:
+    """Run AWS calls, turning botocore's errors into the typed ones of :mod:`controlplane.errors`.
+
+    ``doing`` names the call for the message (``dynamodb:GetItem pool config``);
+    the botocore error stays chained for a debug run.
+    """
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise wrap(exc, doing, hint) from exc
+
+
+def found(doing: str, call: Callable[[], object]) -> bool:
+    """Make one call; False when AWS answers that its resource does not exist (:class:`NotFound`)."""
+    try:
+        with mapped(doing):
+            call()
+    except NotFound:
+        return False
+    return True
+
+
+def conditional_update(region: str, *, doing: str, **request: Any) -> dict[str, Any]:
+    """One DynamoDB UpdateItem that returns the new row; :class:`ConditionFailed` carries the old one."""
+    with mapped(doing):
+        resp = client("dynamodb", region).update_item(
+            **request, ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD")
+    return dict(resp["Attributes"])
 
 
 def parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 16) -> list[R]:
@@ -222,9 +281,7 @@ def endpoint_url() -> str | None:
 
 def account_and_partition(region: str) -> tuple[str, str]:
     """Account id and partition of the caller (one STS call)."""
-    try:
+    with mapped("sts:GetCallerIdentity", "set AWS credentials (or run `runner-pool local start`)"):
         arn = client("sts", region).get_caller_identity()["Arn"]
-    except (ClientError, BotoCoreError) as exc:
-        raise wrap(exc, "sts:GetCallerIdentity", "set AWS credentials (or run `runner-pool local start`)") from exc
     parts = arn.split(":")
     return parts[4], parts[1]

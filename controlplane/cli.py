@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from controlplane import inputs
 from controlplane.errors import ConfigError, ConfigErrors, RunnerPoolError
-from controlplane.patterns import REGION_RE, RUN_ID_RE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,9 +77,7 @@ def _region(args: argparse.Namespace) -> str:
     for source, value in (("--region", args.region), ("AWS_REGION", os.environ.get("AWS_REGION")),
                           ("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION"))):
         if value:
-            if not re.match(REGION_RE, value):
-                raise ConfigError(f"{source} {value!r} is not an AWS region", hint="use a region name such as us-east-1")
-            return str(value)
+            return inputs.check_region(value, source)
     return "us-east-1"
 
 
@@ -123,10 +121,7 @@ def _github(cfg: Any, required: bool = True) -> Any:
 
 
 def _check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id):
-        raise ConfigError(f"--run-id {run_id!r} is not valid",
-                          hint="1-100 characters: letters, digits, '.', '_', '-', starting with a letter or digit")
-    return run_id
+    return inputs.check_run_id(run_id, "--run-id")
 
 
 # ------------------------------------------------------------------ commands
@@ -236,10 +231,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
 
     run_id = _check_run_id(args.run_id)
-    if args.count < 1:
-        raise ConfigError(f"--count {args.count} is not valid", hint="ask for at least 1 runner")
-    if args.count > 500:
-        raise ConfigError(f"--count {args.count} is too large", hint="ask for at most 500 runners per run")
+    inputs.check_count(args.count, "--count")
     p = _pool(args)                     # the first AWS call, before the provision's own imports
     _prewarm_github()
     from controlplane.provision import ProvisionRequest, provision
@@ -328,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_, description=help_)
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
         p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         p.set_defaults(func=fn)
         return p
@@ -401,14 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _botocore_error() -> type[Exception]:
-    """botocore's base error, imported only when an exception is being matched: the import costs a
-    tenth of a second that a command which never reaches AWS (``--help``, bad input) should not pay."""
-    from botocore.exceptions import BotoCoreError
-
-    return BotoCoreError
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from controlplane import logs
 
@@ -426,19 +410,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except _botocore_error() as exc:
-        if os.environ.get("RUNNER_POOL_DEBUG"):
-            traceback.print_exc()
-        print(f"error: cannot reach AWS: {exc} (check AWS_ENDPOINT_URL, the network and credentials; "
-              "for the embedded default run `runner-pool local start` and `eval \"$(runner-pool local env)\"`)",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("error: interrupted (run `runner-pool reconcile` to clean up anything left)", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
+        from controlplane import aws
+
         if os.environ.get("RUNNER_POOL_DEBUG"):
             traceback.print_exc()
+        down = aws.unreachable(exc)          # an SDK call no adapter function wrapped
+        if down is not None:
+            print(f"error: cannot reach AWS: {down.detail} (check AWS_ENDPOINT_URL, the network and credentials; "
+                  "for the embedded default run `runner-pool local start` and `eval \"$(runner-pool local env)\"`)",
+                  file=sys.stderr)
+            return 1
         print(f"error: internal error: {type(exc).__name__}: {exc} (set RUNNER_POOL_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1

@@ -35,10 +35,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from controlplane.errors import ConfigError, ConfigErrors
-from controlplane.patterns import CLASS_RE, NAME_RE, REGION_RE, RUN_ID_RE  # noqa: F401 - re-exported
+from controlplane.patterns import (  # noqa: F401 - re-exported
+    CLASS_RE,
+    NAME_RE,
+    REGION_RE,
+    RUN_ID_RE,
+    USAGE_CLASSES,
+)
 
 UsageClass = Literal["spot", "on-demand"]
-USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
 
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
@@ -72,11 +77,18 @@ class Range(_Model):
         return self
 
 
+AcceleratorType = Literal["gpu", "fpga", "inference"]
+
+
+def _default_accelerators() -> list[AcceleratorType]:
+    return ["gpu"]
+
+
 class Accelerators(_Model):
     """Accelerator requirements (GPU/FPGA/inference), passed to InstanceRequirements."""
 
     count: Range = Field(description="number of accelerators")
-    types: list[Literal["gpu", "fpga", "inference"]] = Field(default_factory=lambda: ["gpu"])
+    types: list[AcceleratorType] = Field(default_factory=_default_accelerators)
     manufacturers: list[Literal["nvidia", "amd", "amazon-web-services", "xilinx"]] = Field(default_factory=list)
 
 

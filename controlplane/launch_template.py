@@ -20,8 +20,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.config import USER_DATA_LIMIT_BYTES, PoolConfig
 from controlplane.errors import ConfigError
@@ -97,11 +95,10 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
 def _describe(cfg: PoolConfig) -> dict[str, Any] | None:
     ec2 = aws.client("ec2", cfg.region)
     try:
-        lts = ec2.describe_launch_templates(LaunchTemplateNames=[cfg.launch_template_name])["LaunchTemplates"]
-    except ClientError as exc:
-        if aws.error_code(exc) in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"):
-            return None
-        raise aws.wrap(exc, "ec2:DescribeLaunchTemplates") from exc
+        with aws.mapped("ec2:DescribeLaunchTemplates"):
+            lts = ec2.describe_launch_templates(LaunchTemplateNames=[cfg.launch_template_name])["LaunchTemplates"]
+    except aws.NotFound:
+        return None
     return lts[0] if lts else None
 
 
@@ -112,14 +109,12 @@ def ensure(cfg: PoolConfig) -> TemplateState:
     digest = data_hash(_comparable(data))
     lt = _describe(cfg)
     if lt is None:
-        try:
+        with aws.mapped("ec2:CreateLaunchTemplate"):
             resp = ec2.create_launch_template(
                 LaunchTemplateName=cfg.launch_template_name, LaunchTemplateData=data,
                 VersionDescription=f"runner-pool {digest}",
                 TagSpecifications=[{"ResourceType": "launch-template",
                                     "Tags": [{"Key": "runner-pool:pool", "Value": cfg.name}]}])
-        except ClientError as exc:
-            raise aws.wrap(exc, "ec2:CreateLaunchTemplate") from exc
         t = resp["LaunchTemplate"]
         return TemplateState(t["LaunchTemplateId"], cfg.launch_template_name, 1, 1, digest, True)
     current = ec2.describe_launch_template_versions(
@@ -127,14 +122,12 @@ def ensure(cfg: PoolConfig) -> TemplateState:
     if data_hash(_comparable(current["LaunchTemplateData"])) == digest:
         return TemplateState(lt["LaunchTemplateId"], cfg.launch_template_name, int(lt["DefaultVersionNumber"]),
                              int(lt["LatestVersionNumber"]), digest, False)
-    try:
+    with aws.mapped("ec2:CreateLaunchTemplateVersion"):
         # Always the full data: CreateLaunchTemplateVersion without SourceVersion inherits nothing.
         v = ec2.create_launch_template_version(
             LaunchTemplateId=lt["LaunchTemplateId"], LaunchTemplateData=data,
             VersionDescription=f"runner-pool {digest}")["LaunchTemplateVersion"]["VersionNumber"]
         ec2.modify_launch_template(LaunchTemplateId=lt["LaunchTemplateId"], DefaultVersion=str(v))
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:CreateLaunchTemplateVersion") from exc
     pruned = prune(cfg, lt["LaunchTemplateId"], int(v))
     return TemplateState(lt["LaunchTemplateId"], cfg.launch_template_name, int(v), int(v), digest, True, pruned)
 
@@ -142,7 +135,7 @@ def ensure(cfg: PoolConfig) -> TemplateState:
 def prune(cfg: PoolConfig, template_id: str, default_version: int) -> tuple[int, ...]:
     """Delete versions older than the newest ``KEEP_VERSIONS`` (never the default)."""
     ec2 = aws.client("ec2", cfg.region)
-    versions = []
+    versions: list[int] = []
     for page in ec2.get_paginator("describe_launch_template_versions").paginate(LaunchTemplateId=template_id):
         versions.extend(int(v["VersionNumber"]) for v in page["LaunchTemplateVersions"])
     keep = set(sorted(versions)[-KEEP_VERSIONS:]) | {default_version}
@@ -164,10 +157,5 @@ def delete(cfg: PoolConfig) -> bool:
     if _describe(cfg) is None:              # moto answers a missing name with MissingParameter, not NotFound
         return False
     ec2 = aws.client("ec2", cfg.region)
-    try:
-        ec2.delete_launch_template(LaunchTemplateName=cfg.launch_template_name)
-        return True
-    except ClientError as exc:
-        if aws.error_code(exc) in ("InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"):
-            return False
-        raise aws.wrap(exc, "ec2:DeleteLaunchTemplate") from exc
+    return aws.found("ec2:DeleteLaunchTemplate",
+                     lambda: ec2.delete_launch_template(LaunchTemplateName=cfg.launch_template_name))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.config import PoolConfig
 from controlplane.errors import AwsError, RunnerPoolError
@@ -31,21 +29,18 @@ class OwnedElsewhere(RunnerPoolError):
 
 def _table_arn(cfg: PoolConfig) -> str | None:
     try:
-        return str(aws.client("dynamodb", cfg.region).describe_table(TableName=cfg.table_name)["Table"]["TableArn"])
-    except ClientError as exc:
-        if aws.error_code(exc) == "ResourceNotFoundException":
-            return None
-        raise aws.wrap(exc, "dynamodb:DescribeTable") from exc
+        with aws.mapped("dynamodb:DescribeTable"):
+            return str(aws.client("dynamodb", cfg.region).describe_table(TableName=cfg.table_name)["Table"]["TableArn"])
+    except aws.NotFound:
+        return None
 
 
 def table_owner(cfg: PoolConfig) -> str | None:
     arn = _table_arn(cfg)
     if arn is None:
         return None
-    try:
+    with aws.mapped("dynamodb:ListTagsOfResource"):
         tags = aws.client("dynamodb", cfg.region).list_tags_of_resource(ResourceArn=arn).get("Tags", [])
-    except ClientError as exc:
-        raise aws.wrap(exc, "dynamodb:ListTagsOfResource") from exc
     return next((t["Value"] for t in tags if t["Key"] == OWNER_TAG), None)
 
 
@@ -54,12 +49,10 @@ def set_table_owner(cfg: PoolConfig, owner: str) -> None:
     if arn is None:
         raise AwsError(f"table {cfg.table_name} does not exist")
     ddb = aws.client("dynamodb", cfg.region)
-    try:
+    with aws.mapped("dynamodb:TagResource"):
         # Untag first: the emulator (moto) appends a tag of an existing key instead of replacing it.
         ddb.untag_resource(ResourceArn=arn, TagKeys=[OWNER_TAG])
         ddb.tag_resource(ResourceArn=arn, Tags=[{"Key": OWNER_TAG, "Value": owner}])
-    except ClientError as exc:
-        raise aws.wrap(exc, "dynamodb:TagResource") from exc
 
 
 # ---------------------------------------------------------------- queues
@@ -67,21 +60,18 @@ def set_table_owner(cfg: PoolConfig, owner: str) -> None:
 
 def _queue_url(cfg: PoolConfig, name: str) -> str | None:
     try:
-        return str(aws.client("sqs", cfg.region).get_queue_url(QueueName=name)["QueueUrl"])
-    except ClientError as exc:
-        if aws.error_code(exc) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-            return None
-        raise aws.wrap(exc, "sqs:GetQueueUrl") from exc
+        with aws.mapped("sqs:GetQueueUrl"):
+            return str(aws.client("sqs", cfg.region).get_queue_url(QueueName=name)["QueueUrl"])
+    except aws.NotFound:
+        return None
 
 
 def queue_owner(cfg: PoolConfig, resource_class: str) -> str | None:
     url = _queue_url(cfg, cfg.queue_name(resource_class))
     if url is None:
         return None
-    try:
+    with aws.mapped("sqs:ListQueueTags"):
         tags = aws.client("sqs", cfg.region).list_queue_tags(QueueUrl=url).get("Tags", {})
-    except ClientError as exc:
-        raise aws.wrap(exc, "sqs:ListQueueTags") from exc
     value = tags.get(OWNER_TAG)
     return str(value) if value is not None else None
 
@@ -92,21 +82,17 @@ def set_queue_owner(cfg: PoolConfig, resource_class: str, owner: str) -> None:
         url = _queue_url(cfg, name)
         if url is None:
             raise AwsError(f"queue {name} does not exist")
-        try:
+        with aws.mapped("sqs:TagQueue"):
             sqs.tag_queue(QueueUrl=url, Tags={OWNER_TAG: owner})
-        except ClientError as exc:
-            raise aws.wrap(exc, "sqs:TagQueue") from exc
 
 
 # ---------------------------------------------------------------- launch template
 
 
 def _template(cfg: PoolConfig) -> dict[str, Any] | None:
-    try:
+    with aws.mapped("ec2:DescribeLaunchTemplates"):
         lts = aws.client("ec2", cfg.region).describe_launch_templates(
             Filters=[{"Name": "launch-template-name", "Values": [cfg.launch_template_name]}])["LaunchTemplates"]
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:DescribeLaunchTemplates") from exc
     return lts[0] if lts else None
 
 
@@ -120,11 +106,9 @@ def set_template_owner(cfg: PoolConfig, owner: str) -> None:
     lt = _template(cfg)
     if lt is None:
         raise AwsError(f"launch template {cfg.launch_template_name} does not exist")
-    try:
+    with aws.mapped("ec2:CreateTags"):
         aws.client("ec2", cfg.region).create_tags(Resources=[str(lt["LaunchTemplateId"])],
                                                   Tags=[{"Key": OWNER_TAG, "Value": owner}])
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:CreateTags") from exc
 
 
 # ---------------------------------------------------------------- the rule

@@ -11,5 +11,6 @@ import re
 NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
 CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
 REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"
+USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
 # A run id is also the runner label jobs target with `runs-on:`.
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -19,8 +19,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.config import PoolConfig
 from controlplane.errors import ConfigError
@@ -62,7 +60,7 @@ def ensure_queues(cfg: PoolConfig) -> dict[str, str]:
     urls = {}
     for cls in cfg.resource_classes:
         tags = {"runner-pool:pool": cfg.name, "runner-pool:class": cls}
-        try:
+        with aws.mapped(f"sqs:CreateQueue for class {cls}"):
             dlq_url = sqs.create_queue(QueueName=cfg.dlq_name(cls), tags=tags,
                                        Attributes={"MessageRetentionPeriod": str(RETENTION_S)})["QueueUrl"]
             dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -72,15 +70,13 @@ def ensure_queues(cfg: PoolConfig) -> dict[str, str]:
                 "ReceiveMessageWaitTimeSeconds": str(LONG_POLL_S),
                 "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(MAX_RECEIVES)}),
             }
-            try:
+        try:
+            with aws.mapped(f"sqs:CreateQueue for class {cls}"):
                 url = sqs.create_queue(QueueName=cfg.queue_name(cls), Attributes=attrs, tags=tags)["QueueUrl"]
-            except ClientError as exc:
-                if aws.error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
-                    raise
+        except aws.AlreadyExists:                   # exists with other attributes: converge them
+            with aws.mapped(f"sqs:SetQueueAttributes for class {cls}"):
                 url = sqs.get_queue_url(QueueName=cfg.queue_name(cls))["QueueUrl"]
                 sqs.set_queue_attributes(QueueUrl=url, Attributes=attrs)
-        except ClientError as exc:
-            raise aws.wrap(exc, f"sqs:CreateQueue for class {cls}") from exc
         urls[cls] = url
     return urls
 
@@ -95,9 +91,10 @@ def pool_queues(cfg: PoolConfig) -> dict[str, str]:
             if url.endswith("-dlq"):
                 continue
             try:
-                tags = sqs.list_queue_tags(QueueUrl=url).get("Tags", {})
-            except ClientError:
-                continue
+                with aws.mapped("sqs:ListQueueTags"):
+                    tags = sqs.list_queue_tags(QueueUrl=url).get("Tags", {})
+            except aws.NotFound:
+                continue                            # deleted since it was listed
             if tags.get("runner-pool:pool") == cfg.name and "runner-pool:class" in tags:
                 found[tags["runner-pool:class"]] = url
     return found
@@ -106,39 +103,37 @@ def pool_queues(cfg: PoolConfig) -> dict[str, str]:
 def queue_url(cfg: PoolConfig, resource_class: str) -> str:
     sqs = aws.client("sqs", cfg.region)
     try:
-        return str(sqs.get_queue_url(QueueName=cfg.queue_name(resource_class))["QueueUrl"])
-    except ClientError as exc:
-        if aws.error_code(exc) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-            raise ConfigError(f"queue for class {resource_class!r} of pool {cfg.name!r} does not exist",
-                              hint="run `runner-pool pool apply` or `runner-pool refresh`") from exc
-        raise aws.wrap(exc, "sqs:GetQueueUrl") from exc
+        with aws.mapped("sqs:GetQueueUrl"):
+            return str(sqs.get_queue_url(QueueName=cfg.queue_name(resource_class))["QueueUrl"])
+    except aws.NotFound as exc:
+        raise ConfigError(f"queue for class {resource_class!r} of pool {cfg.name!r} does not exist",
+                          hint="run `runner-pool pool apply` or `runner-pool refresh`") from exc
 
 
 def dlq_url(cfg: PoolConfig, resource_class: str) -> str | None:
     sqs = aws.client("sqs", cfg.region)
     try:
-        return str(sqs.get_queue_url(QueueName=cfg.dlq_name(resource_class))["QueueUrl"])
-    except ClientError:
+        with aws.mapped("sqs:GetQueueUrl"):
+            return str(sqs.get_queue_url(QueueName=cfg.dlq_name(resource_class))["QueueUrl"])
+    except aws.NotFound:
         return None
 
 
 def delete_queue(region: str, url: str) -> None:
     sqs = aws.client("sqs", region)
     try:
-        sqs.delete_queue(QueueUrl=url)
-    except ClientError as exc:
-        if aws.error_code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-            raise aws.wrap(exc, "sqs:DeleteQueue") from exc
+        with aws.mapped("sqs:DeleteQueue"):
+            sqs.delete_queue(QueueUrl=url)
+    except aws.NotFound:
+        pass                                        # gone already: what a delete wants
 
 
 def send(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
     sqs = aws.client("sqs", region)
     for chunk in aws.chunks(list(messages), 10):
         entries = [{"Id": str(i), "MessageBody": m.body()} for i, m in enumerate(chunk)]
-        try:
+        with aws.mapped("sqs:SendMessageBatch"):
             resp = sqs.send_message_batch(QueueUrl=url, Entries=entries)
-        except ClientError as exc:
-            raise aws.wrap(exc, "sqs:SendMessageBatch") from exc
         if resp.get("Failed"):
             codes = sorted({f.get("Code", "?") for f in resp["Failed"]})
             raise aws.AwsError(f"SQS refused {len(resp['Failed'])} message(s): {', '.join(codes)}")
@@ -147,11 +142,9 @@ def send(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
 def receive(region: str, url: str, max_messages: int, wait_s: int) -> list[PoolMessage]:
     """Up to ``max_messages`` (<= 10) messages; waits up to ``wait_s`` on an empty queue."""
     sqs = aws.client("sqs", region)
-    try:
+    with aws.mapped("sqs:ReceiveMessage"):
         raw = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=max(1, min(10, max_messages)),
                                   WaitTimeSeconds=wait_s).get("Messages", [])
-    except ClientError as exc:
-        raise aws.wrap(exc, "sqs:ReceiveMessage") from exc
     out, poison = [], []
     for m in raw:
         parsed = PoolMessage.parse(m)
@@ -172,11 +165,9 @@ def delete(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
 
 def _delete_handles(sqs: Any, url: str, handles: list[str]) -> None:
     def one(chunk: list[str]) -> None:
-        try:
+        with aws.mapped("sqs:DeleteMessageBatch"):
             sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": h}
                                                             for i, h in enumerate(chunk)])
-        except ClientError as exc:
-            raise aws.wrap(exc, "sqs:DeleteMessageBatch") from exc
 
     aws.parallel(one, list(aws.chunks(handles, BATCH_MAX)))       # the batches at once
 
@@ -186,11 +177,9 @@ def give_back(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
     handles = [m.receipt for m in messages if m.receipt]
     sqs = aws.client("sqs", region)
     for chunk in aws.chunks(handles, 10):
-        try:
+        with aws.mapped("sqs:ChangeMessageVisibilityBatch"):
             sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
                 {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)])
-        except ClientError as exc:
-            raise aws.wrap(exc, "sqs:ChangeMessageVisibilityBatch") from exc
 
 
 def drain(region: str, url: str, max_rounds: int = 1000) -> list[PoolMessage]:

@@ -26,13 +26,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, store
+from controlplane import aws, store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock
-from controlplane.github import GitHubClient, GitHubRunner, github_client_for
 from controlplane.errors import ConfigError
+from controlplane.github import GitHubClient, GitHubRunner, github_client_for
 from controlplane.logs import QUIET, Progress, event
 from controlplane.records import InstanceRecord, State
 from controlplane.store import Pool
+from controlplane.termination import Doomed
 
 ORPHAN_GRACE_S = 120
 VISIBILITY_GRACE_S = 120      # a row this young is not closed because its instance is not listed (yet)
@@ -153,40 +154,23 @@ def snapshot(pool: Pool, github: GitHubClient | None, clock: Clock = SYSTEM_CLOC
 
 def apply(pool: Pool, actions: list[Action], github: GitHubClient | None, clock: Clock = SYSTEM_CLOCK
           ) -> tuple[list[Action], list[str]]:
-    from controlplane.apply import terminate
-    from controlplane.state import transition
-
     applied: list[Action] = []
     failed: list[str] = []
     doomed = [a for a in actions if a.kind == "terminate_instance"]
     if doomed:
-        try:
-            term = terminate(pool.region, [a.target for a in doomed], clock)
-            done = set(term.terminated)
-            applied += [a for a in doomed if a.target in done]
-            failed += [f"{iid}: InvalidInstanceID.NotFound after retries" for iid in term.not_found]
-            store.delete_rows(pool, [pool.arn(a.target) for a in doomed], state=False, agent=True)
-        except aws.AwsError as exc:
-            failed += [f"{a.target}: {exc}" for a in doomed]
-    now = clock.now()
-
-    def close(a: Action) -> str | None:
-        """Close one row; None when it is terminated now (by us or by whoever beat us), else why not."""
-        t = transition(pool.table, pool.region, pool.arn(a.target), from_=State(a.state), to=State.TERMINATED,
-                       run_id=a.run_id, threshold=now, now=now, when="any", new_run_id=None)
-        if t.won or (t.record is not None and t.record.state is State.TERMINATED):
-            return None
-        return f"{a.target}: {t.reason}"
-
+        # Their rows are gone or already say terminated: nothing to mark, the instances go.
+        out = termination.finish(pool, [a.target for a in doomed], clock)
+        done = set(out.terminated)
+        applied += [a for a in doomed if a.target in done]
+        failed += [f"{iid}: InvalidInstanceID.NotFound after retries" for iid in out.not_found]
+        failed += [f"{iid}: {out.error}" for iid in out.failed]
     # Each close is its own conditional write; at scale they go in parallel and the agent rows of
     # the closed ones in one batch (one at a time, 300 ghost rows were 600 sequential round trips).
-    closes = [a for a in actions if a.kind == "close_row"]
-    why_not = aws.parallel(close, closes)
-    closed = [a for a, why in zip(closes, why_not) if why is None]
-    failed += [why for why in why_not if why is not None]
-    applied += closed
-    if closed:
-        store.delete_rows(pool, [pool.arn(a.target) for a in closed], state=False, agent=True)
+    closes = {a.target: a for a in actions if a.kind == "close_row"}
+    closed, why_not = termination.close_rows(
+        pool, [Doomed(a.target, State(a.state), a.run_id) for a in closes.values()], clock.now())
+    applied += [closes[i] for i in closed]
+    failed += [f"{iid}: {why}" for iid, why in why_not.items()]
     if github is not None:
         for a in actions:
             if a.kind == "delete_runner":

@@ -24,16 +24,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, launch_template, pool as pool_q, store, token
+from controlplane import aws, launch_template, store, termination, token
+from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import PoolConfig
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import finalize
 from controlplane.reconcile import ReconcileResult, reconcile
 from controlplane.records import State
-from controlplane.state import When
 from controlplane.store import Pool
+from controlplane.termination import Doomed
 
 EXPIRING_STATES = (State.IDLE, State.CLAIMED, State.CREATED, State.DRAINING, State.RUNNING)
 
@@ -128,50 +128,39 @@ def expire(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> dict[str, list[str]]:
     """Two-phase termination of rows past their threshold (and idle ones past their lifetime)."""
     now = clock.now()
     out: dict[str, list[str]] = {}
-    doomed: list[tuple[str, State, str | None, When]] = []    # (instance, state, run, condition on threshold)
+    doomed: list[Doomed] = []
     seen: set[tuple[str, State]] = set()
     for state in EXPIRING_STATES:
         for r in store.records_in_state(pool, state, threshold_before=now):
-            doomed.append((r.instance_id, state, r.run_id, "expired"))
+            doomed.append(Doomed(r.instance_id, state, r.run_id, "expired"))
             seen.add((r.instance_id, state))
             out.setdefault(state.value, []).append(r.instance_id)
     lifetime_cut = now - pool.config.max_lifetime_s
     for r in store.records_in_state(pool, State.IDLE, launched_before=lifetime_cut):
         if r.launched_at <= lifetime_cut and (r.instance_id, State.IDLE) not in seen:
-            doomed.append((r.instance_id, State.IDLE, None, "any"))
+            doomed.append(Doomed(r.instance_id, State.IDLE, None, "any"))
             out.setdefault("lifetime", []).append(r.instance_id)
     if not doomed:
         return out
-    marked = _mark_all(pool, doomed, now)       # phase 1: mark, only if still expired (a claim may have won)
-    finalize_out = finalize.terminate(pool, [(i, State.TERMINATED, None) for i in marked], clock)  # phase 2
-    event("refresh.expired", pool=pool.name, marked=marked, terminated=finalize_out.terminated)
+    marked = _marked(pool, doomed, now)        # phase 1: mark, only if still expired (a claim may have won)
+    done = termination.finish(pool, marked, clock)                                              # phase 2
+    event("refresh.expired", pool=pool.name, marked=marked, terminated=done.terminated)
     won = set(marked)
     return {k: [i for i in v if i in won] for k, v in out.items()}
 
 
-def _mark_all(pool: Pool, doomed: list[tuple[str, State, str | None, When]], now: float) -> list[str]:
-    """Mark rows ``terminated``, each one conditional write, in parallel; the ids whose mark won, in order.
-
-    One at a time, 700 expired rows of a 10,000-row pool were 700 sequential round trips.
-    """
-    from controlplane.state import transition
-
-    def mark(d: tuple[str, State, str | None, When]) -> bool:
-        iid, state, run, when = d
-        t = transition(pool.table, pool.region, pool.arn(iid), from_=state, to=State.TERMINATED, run_id=run,
-                       threshold=now, now=now, when=when, new_run_id=None)
-        return t.won
-
-    return [d[0] for d, won in zip(doomed, aws.parallel(mark, doomed)) if won]
+def _marked(pool: Pool, doomed: list[Doomed], now: float) -> list[str]:
+    """Mark rows ``terminated`` (in parallel: one at a time, 700 expired rows of a 10,000-row pool were
+    700 sequential round trips); the ids whose mark won, in order."""
+    return [iid for iid, t in termination.mark(pool, doomed, now).items() if t.won]
 
 
 def _remove_class(pool: Pool, cls: str, url: str, clock: Clock) -> list[str]:
     """Drain a removed class's queue, terminate its idle instances, delete its queues."""
     pool_q.drain(pool.region, url)
-    now = clock.now()
     idle = [r for r in store.records_in_state(pool, State.IDLE) if r.resource_class == cls]
-    marked = _mark_all(pool, [(r.instance_id, State.IDLE, None, "any") for r in idle], now)
-    out = finalize.terminate(pool, [(i, State.TERMINATED, None) for i in marked], clock)
+    marked = _marked(pool, [Doomed(r.instance_id, State.IDLE, None, "any") for r in idle], clock.now())
+    out = termination.finish(pool, marked, clock)
     pool_q.delete_queue(pool.region, url)
     dlq = pool_q.dlq_url(pool.config, cls)
     if dlq:
@@ -188,7 +177,7 @@ def _redrive(pool: Pool, cls: str, url: str) -> int:
     if not msgs:
         return 0
     rows = store.read_set(pool, [m.instance_id for m in msgs])
-    keep = [m for m in msgs if rows[m.instance_id][0] is not None and rows[m.instance_id][0].state is State.IDLE]
+    keep = [m for m in msgs if (row := rows[m.instance_id][0]) is not None and row.state is State.IDLE]
     if keep:
         pool_q.send(pool.region, url, keep)
     return len(keep)

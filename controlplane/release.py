@@ -26,13 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import aws, metrics, store
+from controlplane import aws, metrics, store, termination
 from controlplane.clock import SYSTEM_CLOCK, Clock
+from controlplane.drain import return_to_pool
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import finalize, relabel
+from controlplane.provision import relabel
 from controlplane.records import InstanceRecord, Member, State
 from controlplane.store import Pool
+from controlplane.termination import Doomed
 
 
 @dataclass
@@ -71,53 +73,57 @@ def member_of(r: InstanceRecord) -> Member:
 def release(pool: Pool, run_id: str, progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
             github: GitHubClient | None = None) -> ReleaseResult:
     gh = github or github_client_for(pool.config.github)     # no credential: bad input, before any AWS call
-    counter = aws.CallCounter()
-    token = aws.counting(counter)
-    started = time.monotonic()
-    res = ReleaseResult(run_id)
-    try:
-        cfg = pool.config
-        records = [r for r in store.run_records(pool, run_id) if r.state is not State.TERMINATED]
-        res.found = [r.instance_id for r in records]
-        if not records:
-            progress.phase(f"run {run_id}: nothing to release")
-            return res
-        now = clock.now()
-        created = [r for r in records if r.state is State.CREATED]
-        active = [r for r in records if r.state in (State.CLAIMED, State.RUNNING, State.DRAINING)]
-        by_id = {r.instance_id: r for r in records}
+    with aws.counted() as calls:
+        started = time.monotonic()
+        res = ReleaseResult(run_id)
+        try:
+            _release(pool, run_id, res, progress, clock, gh)
+        finally:
+            res.duration_s = round(time.monotonic() - started, 3)
+            res.api_calls = calls.by_service()
+            event("release.done", run_id=run_id, instance_ids=res.found, returned=res.returned_to_pool,
+                  terminated=res.terminated, failed=res.failed, duration_s=res.duration_s)
+            metrics.publish_release(res, pool.config)
+    return res
 
-        def retire(m: Member) -> str | None:
-            r = by_id[m.instance_id]
-            if m.resource_class not in cfg.resource_classes:
-                return f"class {m.resource_class} is no longer configured"
-            if cfg.is_ephemeral(m.resource_class):
-                return "ephemeral: an instance serves one run"
-            if r.reuse_count >= cfg.max_reuse:
-                return f"served {r.reuse_count} runs (max_reuse {cfg.max_reuse})"
-            if now - r.launched_at >= cfg.max_lifetime_s:
-                return f"older than max_lifetime_s ({cfg.max_lifetime_s} s)"
-            return None
 
-        progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
-        relabelled: list[str] = []
-        listening = [member_of(r) for r in active if r.state is State.RUNNING and not cfg.fresh_registration
-                     and r.resource_class in cfg.resource_classes and not retire(member_of(r))]
-        if listening:
-            agents = {i: a for i, (_, a) in store.read_set(pool, [m.instance_id for m in listening]).items()}
-            back, _ = relabel.unlabel(pool, gh, run_id, listening, agents, State.RUNNING, clock)
-            relabelled = [m.instance_id for m in back]
-            active = [r for r in active if r.instance_id not in set(relabelled)]
-        cleanup = finalize.terminate(pool, [(r.instance_id, State.CREATED, run_id) for r in created], clock, gh)
-        cleanup.merge(finalize.return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
-                                              retire=retire, github=gh))
-        res.returned_to_pool, res.terminated, res.failed = (relabelled + cleanup.returned_to_pool,
-                                                            cleanup.terminated, cleanup.failed)
-        return res
-    finally:
-        res.duration_s = round(time.monotonic() - started, 3)
-        res.api_calls = counter.by_service()
-        aws.stop_counting(token)
-        event("release.done", run_id=run_id, instance_ids=res.found, returned=res.returned_to_pool,
-              terminated=res.terminated, failed=res.failed, duration_s=res.duration_s)
-        metrics.publish_release(res, pool.config)
+def _release(pool: Pool, run_id: str, res: ReleaseResult, progress: Progress, clock: Clock,
+             gh: GitHubClient) -> None:
+    cfg = pool.config
+    records = [r for r in store.run_records(pool, run_id) if r.state is not State.TERMINATED]
+    res.found = [r.instance_id for r in records]
+    if not records:
+        progress.phase(f"run {run_id}: nothing to release")
+        return
+    now = clock.now()
+    created = [r for r in records if r.state is State.CREATED]
+    active = [r for r in records if r.state in (State.CLAIMED, State.RUNNING, State.DRAINING)]
+    by_id = {r.instance_id: r for r in records}
+
+    def why_retire(m: Member) -> str | None:
+        r = by_id[m.instance_id]
+        if m.resource_class not in cfg.resource_classes:
+            return f"class {m.resource_class} is no longer configured"
+        if cfg.is_ephemeral(m.resource_class):
+            return "ephemeral: an instance serves one run"
+        if r.reuse_count >= cfg.max_reuse:
+            return f"served {r.reuse_count} runs (max_reuse {cfg.max_reuse})"
+        if now - r.launched_at >= cfg.max_lifetime_s:
+            return f"older than max_lifetime_s ({cfg.max_lifetime_s} s)"
+        return None
+
+    progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
+    relabelled: list[str] = []
+    listening = [member_of(r) for r in active if r.state is State.RUNNING and not cfg.fresh_registration
+                 and not why_retire(member_of(r))]
+    if listening:
+        agents = {i: a for i, (_, a) in store.read_set(pool, [m.instance_id for m in listening]).items()}
+        back, _ = relabel.unlabel(pool, gh, run_id, listening, agents, State.RUNNING, clock)
+        relabelled = [m.instance_id for m in back]
+        active = [r for r in active if r.instance_id not in set(relabelled)]
+    unvalidated = [Doomed(r.instance_id, State.CREATED, run_id) for r in created]
+    cleanup = termination.retire(pool, unvalidated, clock, gh)
+    cleanup.merge(return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
+                                 retire=why_retire, github=gh))
+    res.returned_to_pool, res.terminated, res.failed = (relabelled + cleanup.returned_to_pool,
+                                                        cleanup.terminated, cleanup.failed)

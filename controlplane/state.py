@@ -1,8 +1,10 @@
 """The instance state machine: the transition table and its only writer.
 
-Every change of the ``state`` attribute goes through :func:`transition`, which
-is one conditional UpdateItem naming the state it leaves, the run it expects,
-and the threshold it sets. Losing a race (another provision claimed the row,
+Every change of the ``state`` attribute goes through :func:`transition`
+(``transition(pool, instance_id, from_=, to=, expect_run=, set_run=, now=)``),
+which is one conditional UpdateItem naming the state it leaves, the run it
+expects, and the run it sets; the threshold it sets follows from ``to``
+(:func:`threshold_for`). Losing a race (another provision claimed the row,
 refresh expired it, release already moved it) is a normal outcome and comes
 back as a :class:`Transition` with ``won=False`` and the row as it is now,
 never as an exception.
@@ -15,12 +17,14 @@ draining -> ``deregistration_timeout_s``; idle -> ``idle_time_s``; terminated
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from botocore.exceptions import ClientError
+from typing import TYPE_CHECKING, Any, Literal
 
 from controlplane import aws
 from controlplane.records import REGISTRATION_ATTRIBUTES, STATE_SK, InstanceRecord, State, num
+
+if TYPE_CHECKING:
+    from controlplane.config import PoolConfig
+    from controlplane.store import Pool
 
 # (from, to): why the edge exists. Anything not listed is refused before any call.
 TRANSITIONS: dict[tuple[State, State], str] = {
@@ -56,64 +60,72 @@ class Transition:
 
 
 class Keep:
-    """Marker: leave ``run_id`` as it is."""
+    """Marker for ``set_run``: leave the row's run as it is."""
 
 
 KEEP = Keep()
 
 
+def threshold_for(cfg: PoolConfig, to: State, now: float) -> float:
+    """The deadline a row gets on entering ``to`` (see the module docstring)."""
+    ahead = {State.CREATED: cfg.claim_timeout_s, State.CLAIMED: cfg.claim_timeout_s,
+             State.RUNNING: cfg.max_runtime_s, State.DRAINING: cfg.deregistration_timeout_s,
+             State.IDLE: cfg.idle_time_s}.get(to, 0.0)
+    return now + ahead
+
+
 def transition(
-    table: str,
-    region: str,
-    arn: str,
+    pool: Pool,
+    instance_id: str,
     *,
     from_: State,
     to: State,
-    run_id: str | None,
-    threshold: float,
+    expect_run: str | None,
     now: float,
-    new_run_id: str | None | Keep = KEEP,
+    set_run: str | None | Keep = KEEP,
     when: When = "unexpired",
     count_reuse: bool = False,
     registration: dict[str, str] | None = None,
 ) -> Transition:
-    """Move one row ``from_`` -> ``to`` if it is still in ``from_`` with ``run_id``.
+    """Move one row ``from_`` -> ``to`` if it is still in ``from_`` and belongs to ``expect_run``.
 
-    ``run_id=None`` expects the row to belong to no run. ``new_run_id`` sets
+    ``expect_run=None`` expects the row to belong to no run. ``set_run`` sets
     (str), clears (None) or keeps (KEEP) the run; clearing remembers it in
-    ``last_run_id``. ``when`` adds a condition on the current threshold.
-    ``registration`` (only into ``claimed``) sets what the agent needs to
-    register its runner; every transition removes whatever of it it does
-    not set, so commit, rollback and termination all take it away.
+    ``last_run_id``. The new threshold is :func:`threshold_for` ``to``.
+    ``when`` adds a condition on the current threshold. ``registration``
+    (only into ``claimed``) sets what the agent needs to register its runner;
+    every transition removes whatever of it it does not set, so commit,
+    rollback and termination all take it away.
     """
     if (from_, to) not in TRANSITIONS:
         raise ValueError(f"no transition {from_} -> {to}")
     registration = registration or {}
     if registration and (to is not State.CLAIMED or set(registration) - set(REGISTRATION_ATTRIBUTES)):
         raise ValueError(f"a registration credential goes only into a claimed row, not {to}")
+    arn = pool.arn(instance_id)
     names = {"#s": "state", "#t": "threshold", "#r": "run_id", "#v": "version", "#u": "updated_at"}
     values: dict[str, Any] = {
-        ":from": {"S": from_.value}, ":to": {"S": to.value}, ":thr": num(threshold), ":now": num(now),
-        ":one": {"N": "1"},
+        ":from": {"S": from_.value}, ":to": {"S": to.value}, ":thr": num(threshold_for(pool.config, to, now)),
+        ":now": num(now), ":one": {"N": "1"},
     }
     cond = ["#s = :from"]
-    if run_id is None:
+    if expect_run is None:
         cond.append("attribute_not_exists(#r)")
     else:
         cond.append("#r = :run")
-        values[":run"] = {"S": run_id}
+        values[":run"] = {"S": expect_run}
     if when == "unexpired":
         cond.append("#t > :now")
     elif when == "expired":
         cond.append("#t < :now")
     sets = ["#s = :to", "#t = :thr", "#v = #v + :one", "#u = :now"]
     removes = []
-    if isinstance(new_run_id, str):
+    if isinstance(set_run, str):
         sets.append("#r = :newrun")
-        values[":newrun"] = {"S": new_run_id}
-    elif new_run_id is None:
+        values[":newrun"] = {"S": set_run}
+    elif set_run is None:
         removes.append("#r")
-        if run_id is not None:
+        if expect_run is not None:
             names["#l"] = "last_run_id"
             sets.append("#l = :run")
     for i, attr in enumerate(REGISTRATION_ATTRIBUTES):
@@ -132,32 +144,27 @@ def transition(
         sets.append("#c = if_not_exists(#c, :zero) + :one")
         values[":zero"] = {"N": "0"}
     update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-    ddb = aws.client("dynamodb", region)
     try:
-        resp = ddb.update_item(
-            TableName=table, Key={"pk": {"S": arn}, "sk": {"S": STATE_SK}},
+        item = aws.conditional_update(
+            pool.region, TableName=pool.table, Key={"pk": {"S": arn}, "sk": {"S": STATE_SK}},
             ConditionExpression=" AND ".join(cond), UpdateExpression=update,
             ExpressionAttributeNames=names, ExpressionAttributeValues=values,
-            ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD",
-        )
-    except ClientError as exc:
-        if not aws.is_conditional_failure(exc):
-            raise aws.wrap(exc, f"dynamodb:UpdateItem {from_}->{to} on {arn}") from exc
-        old = exc.response.get("Item")
-        current = InstanceRecord.from_item(old) if old else None
-        if current is not None and _landed_already(current, to, run_id, new_run_id, now):
+            doing=f"dynamodb:UpdateItem {from_}->{to} on {arn}")
+    except aws.ConditionFailed as exc:
+        current = InstanceRecord.from_item(exc.item) if exc.item else None
+        if current is not None and _landed_already(current, to, expect_run, set_run, now):
             return Transition(True, current)
-        return Transition(False, current, _why_lost(current, from_, run_id, now, when))
-    return Transition(True, InstanceRecord.from_item(resp["Attributes"]))
+        return Transition(False, current, _why_lost(current, from_, expect_run, now, when))
+    return Transition(True, InstanceRecord.from_item(item))
 
 
-def _landed_already(current: InstanceRecord, to: State, run_id: str | None, new_run_id: str | None | Keep,
+def _landed_already(current: InstanceRecord, to: State, expect_run: str | None, set_run: str | None | Keep,
                     now: float) -> bool:
     """Whether the row already holds exactly this write: botocore resent it after a dropped
     connection or a read timeout, the first attempt had landed, and the resend's condition failed
     on our own result. ``updated_at`` is this call's ``now`` (to the millisecond, as written), so a
     write by anyone else, even to the same state, does not match."""
-    expected_run = run_id if isinstance(new_run_id, Keep) else new_run_id
+    expected_run = expect_run if isinstance(set_run, Keep) else set_run
     return (current.state is to and current.run_id == expected_run
             and abs(current.updated_at - round(float(now), 3)) < 1e-6)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane import pool as pool_q, store
+from controlplane import pool as pool_q
+from controlplane import store
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.records import LIVE_STATES, State
 from controlplane.store import Pool
@@ -46,7 +47,7 @@ def pool_status(pool: Pool, clock: Clock = SYSTEM_CLOCK) -> PoolStatus:
             "id": r.instance_id, "state": r.state.value, "run_id": r.run_id, "resource_class": r.resource_class,
             "instance_type": r.instance_type, "subnet": r.subnet_id, "usage_class": r.usage_class,
             "reuse_count": r.reuse_count, "threshold_in_s": round(r.threshold - now, 1),
-            "heartbeat_age_s": round(a.heartbeat_age(now), 1) if a and a.heartbeat_age(now) is not None else None,
+            "heartbeat_age_s": round(age, 1) if a and (age := a.heartbeat_age(now)) is not None else None,
             "signal": str(a.signal) if a and a.signal else None,
         })
     for cls, url in sorted(pool_q.pool_queues(pool.config).items()):

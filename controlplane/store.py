@@ -26,8 +26,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.clock import Deadline, wait_until
 from controlplane.errors import ConfigError
@@ -120,13 +118,7 @@ class Pool:
 
 def table_exists(cfg: PoolConfig) -> bool:
     ddb = aws.client("dynamodb", cfg.region)
-    try:
-        ddb.describe_table(TableName=cfg.table_name)
-        return True
-    except ClientError as exc:
-        if aws.error_code(exc) == "ResourceNotFoundException":
-            return False
-        raise aws.wrap(exc, "dynamodb:DescribeTable") from exc
+    return aws.found("dynamodb:DescribeTable", lambda: ddb.describe_table(TableName=cfg.table_name))
 
 
 def ensure_table(cfg: PoolConfig) -> bool:
@@ -135,31 +127,31 @@ def ensure_table(cfg: PoolConfig) -> bool:
     created = False
     if not table_exists(cfg):
         try:
-            ddb.create_table(
-                TableName=cfg.table_name,
-                BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=[
-                    {"AttributeName": "pk", "AttributeType": "S"},
-                    {"AttributeName": "sk", "AttributeType": "S"},
-                    {"AttributeName": "run_id", "AttributeType": "S"},
-                    {"AttributeName": "state", "AttributeType": "S"},
-                    {"AttributeName": "threshold", "AttributeType": "N"},
-                ],
-                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-                GlobalSecondaryIndexes=[
-                    {"IndexName": "by_run", "KeySchema": [{"AttributeName": "run_id", "KeyType": "HASH"}],
-                     "Projection": {"ProjectionType": "ALL"}},
-                    {"IndexName": "by_state",
-                     "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
-                                   {"AttributeName": "threshold", "KeyType": "RANGE"}],
-                     "Projection": {"ProjectionType": "ALL"}},
-                ],
-                Tags=[{"Key": "runner-pool:pool", "Value": cfg.name}],
-            )
-            created = True
-        except ClientError as exc:
-            if aws.error_code(exc) != "ResourceInUseException":      # created concurrently: fine
-                raise aws.wrap(exc, "dynamodb:CreateTable") from exc
+            with aws.mapped("dynamodb:CreateTable"):
+                ddb.create_table(
+                    TableName=cfg.table_name,
+                    BillingMode="PAY_PER_REQUEST",
+                    AttributeDefinitions=[
+                        {"AttributeName": "pk", "AttributeType": "S"},
+                        {"AttributeName": "sk", "AttributeType": "S"},
+                        {"AttributeName": "run_id", "AttributeType": "S"},
+                        {"AttributeName": "state", "AttributeType": "S"},
+                        {"AttributeName": "threshold", "AttributeType": "N"},
+                    ],
+                    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+                    GlobalSecondaryIndexes=[
+                        {"IndexName": "by_run", "KeySchema": [{"AttributeName": "run_id", "KeyType": "HASH"}],
+                         "Projection": {"ProjectionType": "ALL"}},
+                        {"IndexName": "by_state",
+                         "KeySchema": [{"AttributeName": "state", "KeyType": "HASH"},
+                                       {"AttributeName": "threshold", "KeyType": "RANGE"}],
+                         "Projection": {"ProjectionType": "ALL"}},
+                    ],
+                    Tags=[{"Key": "runner-pool:pool", "Value": cfg.name}],
+                )
+                created = True
+        except aws.AlreadyExists:      # created concurrently: fine
+            pass
     ready = wait_until(
         lambda: ddb.describe_table(TableName=cfg.table_name)["Table"]["TableStatus"] == "ACTIVE",
         Deadline(TABLE_READY_TIMEOUT_S), 1.0)
@@ -169,26 +161,18 @@ def ensure_table(cfg: PoolConfig) -> bool:
     if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         ddb.update_time_to_live(TableName=cfg.table_name,
                                 TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
-    try:
+    with aws.mapped("dynamodb:UpdateContinuousBackups"):
         backups = ddb.describe_continuous_backups(TableName=cfg.table_name)["ContinuousBackupsDescription"]
         pitr = backups.get("PointInTimeRecoveryDescription", {}).get("PointInTimeRecoveryStatus")
         if pitr != "ENABLED":
             ddb.update_continuous_backups(TableName=cfg.table_name,
                                           PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True})
-    except ClientError as exc:
-        raise aws.wrap(exc, "dynamodb:UpdateContinuousBackups") from exc
     return created
 
 
 def delete_table(cfg: PoolConfig) -> bool:
     ddb = aws.client("dynamodb", cfg.region)
-    try:
-        ddb.delete_table(TableName=cfg.table_name)
-        return True
-    except ClientError as exc:
-        if aws.error_code(exc) == "ResourceNotFoundException":
-            return False
-        raise aws.wrap(exc, "dynamodb:DeleteTable") from exc
+    return aws.found("dynamodb:DeleteTable", lambda: ddb.delete_table(TableName=cfg.table_name))
 
 
 # ---------------------------------------------------------------- the pool's stored config
@@ -208,13 +192,12 @@ def load_pool(name: str, region: str) -> Pool:
     table = f"runner-pool-{name}"
     ddb = aws.client("dynamodb", region)
     try:
-        item = ddb.get_item(TableName=table, Key={"pk": {"S": POOL_PK}, "sk": {"S": "config"}},
-                            ConsistentRead=True).get("Item")
-    except ClientError as exc:
-        if aws.error_code(exc) == "ResourceNotFoundException":
-            raise ConfigError(f"pool {name!r} not found in {region} (no table {table})",
-                              hint="run `runner-pool pool apply --config pool.yaml` first, or check --region") from exc
-        raise aws.wrap(exc, "dynamodb:GetItem pool config") from exc
+        with aws.mapped("dynamodb:GetItem pool config"):
+            item = ddb.get_item(TableName=table, Key={"pk": {"S": POOL_PK}, "sk": {"S": "config"}},
+                                ConsistentRead=True).get("Item")
+    except aws.NotFound as exc:
+        raise ConfigError(f"pool {name!r} not found in {region} (no table {table})",
+                          hint="run `runner-pool pool apply --config pool.yaml` first, or check --region") from exc
     if not item:
         raise ConfigError(f"pool {name!r} has a table but no stored config",
                           hint="run `runner-pool pool apply --config pool.yaml`")
@@ -272,15 +255,14 @@ def set_registration(pool: Pool, instance_id: str, run_id: str, state: State, at
         raise ValueError(f"no credential {attr!r} on a {state} row")
     ddb = aws.client("dynamodb", pool.region)
     try:
-        ddb.update_item(
-            TableName=pool.table, Key={"pk": {"S": pool.arn(instance_id)}, "sk": {"S": STATE_SK}},
-            ConditionExpression="#s = :s AND #r = :r", UpdateExpression="SET #g = :g",
-            ExpressionAttributeNames={"#s": "state", "#r": "run_id", "#g": attr},
-            ExpressionAttributeValues={":s": {"S": state.value}, ":r": {"S": run_id}, ":g": {"S": value}})
-    except ClientError as exc:
-        if aws.is_conditional_failure(exc):
-            return False
-        raise aws.wrap(exc, f"dynamodb:UpdateItem credential of {instance_id}") from exc
+        with aws.mapped(f"dynamodb:UpdateItem credential of {instance_id}"):
+            ddb.update_item(
+                TableName=pool.table, Key={"pk": {"S": pool.arn(instance_id)}, "sk": {"S": STATE_SK}},
+                ConditionExpression="#s = :s AND #r = :r", UpdateExpression="SET #g = :g",
+                ExpressionAttributeNames={"#s": "state", "#r": "run_id", "#g": attr},
+                ExpressionAttributeValues={":s": {"S": state.value}, ":r": {"S": run_id}, ":g": {"S": value}})
+    except aws.ConditionFailed:
+        return False
     return True
 
 
@@ -305,10 +287,8 @@ def _batch_write(pool: Pool, requests: list[dict[str, Any]]) -> None:
         deadline = Deadline(UNPROCESSED_RETRY_S)
         delay = 0.05
         while pending:
-            try:
+            with aws.mapped("dynamodb:BatchWriteItem"):
                 pending = ddb.batch_write_item(RequestItems=pending).get("UnprocessedItems") or {}
-            except ClientError as exc:
-                raise aws.wrap(exc, "dynamodb:BatchWriteItem") from exc
             if pending:
                 if deadline.expired:
                     raise aws.AwsError(f"BatchWriteItem left {len(pending[pool.table])} items unprocessed")
@@ -330,10 +310,8 @@ def read_set(pool: Pool, instance_ids: Iterable[str]) -> dict[str, tuple[Instanc
         pending: dict[str, Any] = {pool.table: {"Keys": chunk, "ConsistentRead": True}}
         deadline = Deadline(UNPROCESSED_RETRY_S)
         while pending:
-            try:
+            with aws.mapped("dynamodb:BatchGetItem"):
                 resp = ddb.batch_get_item(RequestItems=pending)
-            except ClientError as exc:
-                raise aws.wrap(exc, "dynamodb:BatchGetItem") from exc
             items = resp.get("Responses", {}).get(pool.table, [])
             for rec in _readable(pool.table, (i for i in items if i.get("sk", {}).get("S") == STATE_SK),
                                  InstanceRecord.from_item):
@@ -361,11 +339,9 @@ def get_record(pool: Pool, instance_id: str) -> InstanceRecord | None:
 def _paginate(pool: Pool, op: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
     ddb = aws.client("dynamodb", pool.region)
     paginator = ddb.get_paginator(op)
-    try:
+    with aws.mapped(f"dynamodb:{op}"):
         for page in paginator.paginate(TableName=pool.table, **kwargs):
             yield from page.get("Items", [])
-    except ClientError as exc:
-        raise aws.wrap(exc, f"dynamodb:{op}") from exc
 
 
 def run_records(pool: Pool, run_id: str) -> list[InstanceRecord]:

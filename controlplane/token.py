@@ -18,8 +18,6 @@ import json
 import time
 from dataclasses import dataclass
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws
 from controlplane.config import PoolConfig
 from controlplane.github import GitHubClient
@@ -40,11 +38,10 @@ class StoredTokens:
 def read_tokens(cfg: PoolConfig) -> StoredTokens | None:
     ssm = aws.client("ssm", cfg.region)
     try:
-        value = ssm.get_parameter(Name=cfg.token_parameter, WithDecryption=True)["Parameter"]["Value"]
-    except ClientError as exc:
-        if aws.error_code(exc) == "ParameterNotFound":
-            return None
-        raise aws.wrap(exc, f"ssm:GetParameter {cfg.token_parameter}") from exc
+        with aws.mapped(f"ssm:GetParameter {cfg.token_parameter}"):
+            value = ssm.get_parameter(Name=cfg.token_parameter, WithDecryption=True)["Parameter"]["Value"]
+    except aws.NotFound:
+        return None
     try:
         data = json.loads(value)
         return StoredTokens(str(data["registration"]), float(data["expires_at"]))
@@ -55,21 +52,19 @@ def read_tokens(cfg: PoolConfig) -> StoredTokens | None:
 def write_tokens(cfg: PoolConfig, tokens: StoredTokens) -> None:
     ssm = aws.client("ssm", cfg.region)
     value = json.dumps({"registration": tokens.registration, "expires_at": tokens.expires_at})
-    try:
+    with aws.mapped(f"ssm:PutParameter {cfg.token_parameter}"):
         ssm.put_parameter(Name=cfg.token_parameter, Value=value, Type="SecureString", Overwrite=True,
                           Description=f"GitHub runner registration token of runner-pool {cfg.name} "
                                       "(rotated by refresh and provision)")
-    except ClientError as exc:
-        raise aws.wrap(exc, f"ssm:PutParameter {cfg.token_parameter}") from exc
 
 
 def delete_tokens(cfg: PoolConfig) -> None:
     ssm = aws.client("ssm", cfg.region)
     try:
-        ssm.delete_parameter(Name=cfg.token_parameter)
-    except ClientError as exc:
-        if aws.error_code(exc) != "ParameterNotFound":
-            raise aws.wrap(exc, "ssm:DeleteParameter") from exc
+        with aws.mapped("ssm:DeleteParameter"):
+            ssm.delete_parameter(Name=cfg.token_parameter)
+    except aws.NotFound:
+        pass
 
 
 def ensure_tokens(cfg: PoolConfig, github: GitHubClient, now: float | None = None,

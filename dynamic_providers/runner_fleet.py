@@ -10,9 +10,11 @@ instance type, subnet, usage class of each), ``poolName``, ``region``,
 * create -> :func:`controlplane.provision.provision` on the pool that
   :func:`controlplane.store.load_pool` finds. All or nothing: a provision that
   does not get every runner registered rolls back (claimed runners back to
-  the pool, created ones terminated) and returns ``ok=False``; create then
-  raises with the reason and what was cleaned up, so nothing lands in the
-  stack and nothing keeps running.
+  the pool, created ones terminated) and returns ``ok=False`` with a typed
+  ``failure``; create then raises :func:`failure_error`, one line built from
+  that failure and the cleanup (:class:`~controlplane.errors.RollbackIncomplete`
+  when something was left for reconcile), so nothing lands in the stack and
+  nothing keeps running.
 * delete -> :func:`controlplane.release.release`: the runners deregister and
   go back to the pool (``idle``), or are terminated (reuse cap, lifetime,
   dead agent). Idempotent: a second delete finds nothing carrying the run and
@@ -36,17 +38,15 @@ import pulumi
 import pulumi.dynamic
 from pulumi.dynamic import CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 
-from controlplane import store
-from controlplane.config import RUN_ID_RE, CLASS_RE, NAME_RE, USAGE_CLASSES
-from controlplane.errors import ConfigError, ConfigErrors
+from controlplane import inputs, store
+from controlplane.config import CLASS_RE, NAME_RE, REGION_RE, RUN_ID_RE, USAGE_CLASSES
+from controlplane.errors import ConfigError, ConfigErrors, RollbackIncomplete, RunnerPoolError
 from controlplane.logs import Progress
-from controlplane.provision import ProvisionRequest, provision
+from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import LIVE_STATES, State
 from controlplane.release import release
 from dynamic_providers import _base
 
-REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"        # PoolConfig.region's pattern
-MAX_COUNT = 500
 REPLACE_KEYS = ("poolName", "region", "runId", "resourceClass", "count", "usageClass")
 
 
@@ -65,25 +65,36 @@ def request_of(props: dict[str, Any]) -> ProvisionRequest:
                             count=_base.as_int(props["count"], "count"), usage_class=props.get("usageClass"))
 
 
+def failure_error(res: ProvisionResult) -> RunnerPoolError:
+    """The error a failed create raises, in one line, from the result's typed failure and its cleanup."""
+    c = res.cleanup
+    why = res.failure.message if res.failure is not None else "it did not complete"
+    message = (f"{why}; rolled back: {len(c.terminated)} terminated, "
+               f"{len(c.returned_to_pool)} returned to the pool")
+    if c.failed:
+        return RollbackIncomplete(f"{message}, {len(c.failed)} left for reconcile ({', '.join(c.failed)})",
+                                  c.failed)
+    return RunnerPoolError(message)
+
+
 class RunnerFleetProvider(pulumi.dynamic.ResourceProvider):
     serialize_as_secret_always = False          # nothing secret is pickled (see _base)
 
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         failures = (
             _base.check_pattern(news, "poolName", NAME_RE, "a pool name: lowercase letters, digits, '-' (max 30)")
-            + _base.check_pattern(news, "region", REGION_RE, "an AWS region such as us-east-1")
+            + _base.check_pattern(news, "region", REGION_RE, inputs.REGION_RULE)
             + _base.check_pattern(news, "runId", RUN_ID_RE,
-                                  "1-100 characters: letters, digits, '.', '_', '-', starting with a letter "
-                                  "or digit (e.g. ${{ github.run_id }}-${{ github.run_attempt }})")
+                                  f"{inputs.RUN_ID_RULE} (e.g. ${{{{ github.run_id }}}}-${{{{ github.run_attempt }}}})")
             + _base.check_pattern(news, "resourceClass", CLASS_RE,
                                   "a resource class of the pool: lowercase letters, digits, '-'")
-            + _base.check_int(news, "count", 1, MAX_COUNT)
+            + _base.check_int(news, "count", inputs.MIN_COUNT, inputs.MAX_COUNT)
             + _base.check_choice(news, "usageClass", USAGE_CLASSES, required=False)
         )
-        inputs = dict(news)
+        checked = dict(news)
         if not failures and not _base.is_unknown(news.get("count")):
-            inputs["count"] = _base.as_int(news["count"], "count")
-        return CheckResult(inputs, failures)
+            checked["count"] = _base.as_int(news["count"], "count")
+        return CheckResult(checked, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         replaces = _base.changed(olds, news, REPLACE_KEYS)
@@ -95,9 +106,9 @@ class RunnerFleetProvider(pulumi.dynamic.ResourceProvider):
         with _base.mapped_errors(f"provision run {run_id}"):
             pool = store.load_pool(props["poolName"], props["region"])
             res = provision(pool, request_of(props), Progress())
-        if not res.ok:
-            # The provision already rolled back; raising keeps the fleet out of the stack.
-            raise _base.ProviderError(res.summary().replace("\n", "; "))
+            if not res.ok:
+                # The provision already rolled back; raising keeps the fleet out of the stack.
+                raise failure_error(res)
         instances = [{"id": m.instance_id, "source": m.source, "instanceType": m.instance_type,
                       "subnet": m.subnet_id, "usageClass": m.usage_class} for m in res.instances]
         return CreateResult(run_id, _base.outputs(

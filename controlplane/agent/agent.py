@@ -756,7 +756,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop("received SIGTERM"))
     try:
         return agent.main()
-    except Exception as exc:                            # a bug must not leave an instance without an agent
+    except Exception as exc:  # noqa: BLE001 - a bug must not leave an instance without an agent
         log("crash", f"{type(exc).__name__}: {exc}")
         return agent.shutdown(f"agent crashed: {type(exc).__name__}")
 

@@ -40,7 +40,7 @@ def _alive(pid: int) -> bool:
 def _healthy(aws_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{aws_url}/_emulator/health", timeout=2) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False
 
@@ -49,7 +49,7 @@ def read_state(state_dir: Path | None = None) -> dict[str, Any] | None:
     """The running daemon's state, or None if it is not running."""
     path = (state_dir or default_state_dir()) / "state.json"
     try:
-        state = json.loads(path.read_text())
+        state: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not _alive(int(state.get("pid", 0))):

@@ -91,7 +91,7 @@ def create_admin(aws_url: str) -> dict[str, str]:
 
 def pool_principals(aws_url: str, admin: dict[str, str], raw_pool: dict[str, Any]) -> dict[str, Any]:
     """The pool's control-plane user (exactly its generated policy) and the instance role's policy."""
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
 
     from controlplane.config import parse_config
     from controlplane.iam import control_plane_policy, instance_policy
@@ -115,7 +115,7 @@ def pool_principals(aws_url: str, admin: dict[str, str], raw_pool: dict[str, Any
 
 def agent_credentials(instance_id: str) -> dict[str, str]:
     """An STS session of the local instance role for one instance, as its instance profile would serve."""
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.sts.models import sts_backends
 
     from controlplane.local.emulator import BACKEND_LOCK
@@ -123,8 +123,8 @@ def agent_credentials(instance_id: str) -> dict[str, str]:
     with BACKEND_LOCK:
         role = sts_backends[DEFAULT_ACCOUNT_ID]["aws"].assume_role(
             region_name=LOCAL_REGION, role_session_name=instance_id,
-            role_arn=f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/{LOCAL_PROFILE}", policy=None,
-            duration=AGENT_SESSION_S, external_id=None)
+            role_arn=f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/{LOCAL_PROFILE}",
+            policy=None, duration=AGENT_SESSION_S, external_id=None)  # type: ignore[arg-type]  # moto takes None
     return {"AWS_ACCESS_KEY_ID": role.access_key_id, "AWS_SECRET_ACCESS_KEY": role.secret_access_key,
             "AWS_SESSION_TOKEN": role.session_token}
 
@@ -136,7 +136,7 @@ def build_network(aws_url: str, key: dict[str, str] | None = None) -> dict[str, 
     urllib.request.urlopen(urllib.request.Request(f"{aws_url}/moto-api/seed?a={LOCAL_SEED}", method="POST"),
                            timeout=10).read()
     key = key or {"access_key_id": "testing", "secret_access_key": "testing"}
-    kw = {"endpoint_url": aws_url, "region_name": LOCAL_REGION, "aws_access_key_id": key["access_key_id"],
+    kw: dict[str, Any] = {"endpoint_url": aws_url, "region_name": LOCAL_REGION, "aws_access_key_id": key["access_key_id"],
           "aws_secret_access_key": key["secret_access_key"]}
     ec2 = boto3.client("ec2", **kw)
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16", TagSpecifications=[

@@ -527,7 +527,7 @@ def install_fleet_shim() -> None:
             _FLEET_TOKENS[key] = result
         return result
 
-    create_fleet._runner_pool_shim = True  # type: ignore[attr-defined]
+    create_fleet._runner_pool_shim = True
     fm.FleetsBackend.create_fleet = create_fleet
     fr.Fleets.create_fleet = create_fleet_response
 
@@ -548,7 +548,7 @@ def install_comparison_fix() -> None:
             except TypeError:
                 return False
 
-        expr.runner_pool_fixed = True  # type: ignore[attr-defined]
+        expr.runner_pool_fixed = True
         op.expr = expr
 
 

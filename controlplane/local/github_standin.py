@@ -469,7 +469,7 @@ class GitHubStandIn:
             route, params = None, {}
         with self._lock:
             self._requests[f"{http.method} {route.template if route else path}"] += 1
-        reply = self._answer(http, route, params, path)
+        reply = self._answer(http, route, dict(params), path)
         return self._response(reply)(environ, start_response)
 
     def _answer(self, http: Request, route: _Route | None, params: dict[str, Any], path: str) -> _Reply:

@@ -289,7 +289,7 @@ class Simulator:
     def status(self) -> list[dict[str, Any]]:
         with self._lock:
             views = [m.view() for m in sorted(self._machines.values(), key=lambda m: m.instance_id)]
-            for v, m in zip(views, sorted(self._machines.values(), key=lambda m: m.instance_id)):
+            for v, m in zip(views, sorted(self._machines.values(), key=lambda m: m.instance_id), strict=True):
                 if m.kind == "rootfs" and self._rootfs is not None and m.alive:
                     v["init_pid"] = self._rootfs.init_pid(m.proc)
             return views
@@ -349,7 +349,7 @@ class Simulator:
 
     def _snapshot(self) -> dict[str, dict[str, Any]]:
         """Pool instances moto knows, by id: state, type, placement, tags, user data."""
-        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.core.models import DEFAULT_ACCOUNT_ID
         from moto.ec2.models import ec2_backends
 
         found: dict[str, dict[str, Any]] = {}
@@ -593,7 +593,7 @@ class Simulator:
 
     @staticmethod
     def _account() -> str:
-        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.core.models import DEFAULT_ACCOUNT_ID
         return str(DEFAULT_ACCOUNT_ID)
 
     def _on_exit(self, m: _Machine, code: int) -> None:
@@ -609,7 +609,7 @@ class Simulator:
             m.phase, m.detail = "exited", f"agent exited {code}: instance left running without an agent"
 
     def _terminate_in_ec2(self, m: _Machine) -> None:
-        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.core.models import DEFAULT_ACCOUNT_ID
         from moto.ec2.models import ec2_backends
 
         with BACKEND_LOCK:
@@ -618,7 +618,7 @@ class Simulator:
                 return
             try:
                 backend.terminate_instances([m.instance_id])
-            except Exception as exc:                 # already gone, or moto refuses: note it
+            except Exception as exc:  # noqa: BLE001 - already gone, or moto refuses: note it
                 m.detail = f"terminate failed: {exc}"
 
     def _on_terminated(self, m: _Machine, now: float) -> None:

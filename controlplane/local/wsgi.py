@@ -31,7 +31,7 @@ STOP_JOIN_TIMEOUT_S = 5.0
 class _QuietHandler(WSGIRequestHandler):
     """werkzeug's request handler without its access log (it would add a stderr handler)."""
 
-    def log(self, type: str, message: str, *args: Any) -> None:  # noqa: A002 - werkzeug's signature
+    def log(self, type: str, message: str, *args: Any) -> None:
         """Quiet."""
 
 

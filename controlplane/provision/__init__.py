@@ -9,10 +9,13 @@ Phases, each its own module, each taking and returning records:
 2. **creation** launches the rest with one CreateFleet (two with spot fallback);
 3. **validation** waits until every member, claimed and created, is
    registered for the run and heartbeating (all or nothing);
-4. **finalize** commits the set to ``running``, or rolls it back (claimed
-   runners return to the pool after their agents deregister; created and
-   unhealthy ones are terminated). Any exception takes the emergency path:
-   everything the provision touched is terminated and the error re-raised
+4. **finalize** decides once, from the three records (:func:`finalize.decide`:
+   ``Commit`` or ``Rollback`` with a typed failure), and carries it out: the
+   set committed to ``running``, or rolled back (claimed runners return to
+   the pool after their agents deregister; created and unhealthy ones are
+   retired through :mod:`controlplane.termination`). Any exception takes the
+   emergency path: everything the provision touched
+   (:class:`~controlplane.provision.attempt.Touched`) is terminated and the error re-raised
    with what was cleaned up.
 
 The run label is the run id: runners register with ``--labels <run id>`` and
@@ -34,21 +37,24 @@ emergency) are deleted through the REST API.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controlplane import aws, metrics, store
+from controlplane import aws, inputs, metrics, store
 from controlplane import token as tokens
 from controlplane.clock import SYSTEM_CLOCK, Clock
-from controlplane.config import USAGE_CLASSES
-from controlplane.errors import ConfigError, RunnerPoolError
+from controlplane.errors import ConfigError, ProvisionFailure, RunnerPoolError
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import creation, finalize, relabel, selection, validation
-from controlplane.records import JIT_CONFIG, LIVE_STATES, REGISTRATION_TOKEN, AgentRecord, Member, State
+from controlplane.provision import creation, finalize, jit, relabel, selection, validation
+from controlplane.provision.attempt import Laps, Touched
+from controlplane.provision.creation import CreationResult
+from controlplane.provision.finalize import Commit, Finalized, Outcome, Rollback
+from controlplane.provision.selection import SelectionResult
+from controlplane.provision.validation import ValidationResult
+from controlplane.records import LIVE_STATES, REGISTRATION_TOKEN, Member, State
 from controlplane.store import Pool
+from controlplane.termination import Cleanup, emergency
 
 
 @dataclass(frozen=True)
@@ -68,18 +74,22 @@ class ProvisionResult:
     resource_class: str
     usage_class: str
     instances: list[Member] = field(default_factory=list)
-    reason: str = ""
+    failure: ProvisionFailure | None = None     # why not ok (None on success, and after an exception)
     timings: dict[str, float] = field(default_factory=dict)
     api_calls: dict[str, int] = field(default_factory=dict)              # by service
     api_calls_by_op: dict[str, int] = field(default_factory=dict)        # by service.Operation
     validated_at: float | None = None     # epoch: when validation saw the whole set ready (or one fail)
     fleet_calls: int = 0
     capacity_errors: dict[str, int] = field(default_factory=dict)
-    cleanup: finalize.Cleanup = field(default_factory=finalize.Cleanup)
+    cleanup: Cleanup = field(default_factory=Cleanup)
     from_pool: int = 0
     created: int = 0
     relabelled: int = 0                   # pool runners served by a label change (no new registration)
     fallback: dict[str, str] = field(default_factory=dict)   # pool runners registered anew, and why
+
+    @property
+    def reason(self) -> str:
+        return self.failure.message if self.failure is not None else ""
 
     @property
     def instance_ids(self) -> list[str]:
@@ -124,11 +134,10 @@ class ProvisionResult:
 
 def check_request(pool: Pool, req: ProvisionRequest) -> str:
     """Validate before any AWS change; returns the usage class to create with."""
+    inputs.check_run_id(req.run_id)
     pool.config.resource_class(req.resource_class)
-    if req.count < 1:
-        raise ConfigError(f"count {req.count} is not valid", hint="ask for at least 1 runner")
-    if req.usage_class is not None and req.usage_class not in USAGE_CLASSES:
-        raise ConfigError(f"usage class {req.usage_class!r} is not valid", hint="use spot or on-demand")
+    inputs.check_count(req.count)
+    inputs.check_usage_class(req.usage_class)
     live = [r for r in store.run_records(pool, req.run_id) if r.state in LIVE_STATES]
     if live:
         raise ConfigError(
@@ -139,206 +148,171 @@ def check_request(pool: Pool, req: ProvisionRequest) -> str:
     return req.usage_class or pool.config.usage_class
 
 
+@dataclass
+class _Attempt:
+    """One provision in progress: its inputs, and the records each phase handed on so far."""
+
+    pool: Pool
+    req: ProvisionRequest
+    usage_class: str
+    github: GitHubClient
+    progress: Progress
+    clock: Clock
+    laps: Laps = field(default_factory=Laps)
+    touched: Touched = field(default_factory=Touched)       # what the emergency path must end
+    jit_runners: dict[str, int] = field(default_factory=dict)
+    selection: SelectionResult = field(default_factory=SelectionResult)
+    relabel: relabel.ClaimResult = field(default_factory=relabel.ClaimResult)
+    creation: CreationResult = field(default_factory=CreationResult)
+    validated_at: float | None = None
+    credential: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.pool.config.is_ephemeral(self.req.resource_class)
+
+    @property
+    def fresh(self) -> bool:
+        """Every pool runner registers anew (``fresh_registration``) instead of being relabelled."""
+        return self.pool.config.fresh_registration
+
+    def registration(self) -> dict[str, str]:
+        """The pool's registration token (SSM, rotated when close to expiry), read once, and only when
+        some member registers with it: a warm hit by relabelling never reads it."""
+        if not self.credential:
+            stored, _ = tokens.ensure_tokens(self.pool.config, self.github, now=self.clock.now())
+            self.credential[REGISTRATION_TOKEN] = stored.registration
+        return self.credential
+
+
 def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
               clock: Clock = SYSTEM_CLOCK, github: GitHubClient | None = None) -> ProvisionResult:
     gh = github or github_client_for(pool.config.github)     # no credential: bad input, before any AWS call
-    ephemeral = pool.config.is_ephemeral(req.resource_class)
-    counter = aws.CallCounter()
-    token = aws.counting(counter)
-    try:
+    with aws.counted() as calls:
         usage = check_request(pool, req)             # its Query is part of what a provision costs
-    except BaseException:
-        aws.stop_counting(token)
-        raise
-    started = time.monotonic()
-    res = ProvisionResult(False, req.run_id, req.run_id, req.resource_class, usage)
-    touched: list[str] = []
-    claimed: list[Member] = []
-    created: list[Member] = []
-    unhealthy: list[Member] = []
-    jit_runners: dict[str, int] = {}                 # ephemeral: instance id -> its just-in-time runner
-    relabelled: list[Member] = []
-    agents: dict[str, AgentRecord | None] = {}       # the claimed runners' agent rows, read at claim
-    fresh = pool.config.fresh_registration
-    credential: dict[str, str] = {}
-
-    def registration() -> dict[str, str]:
-        """The pool's token (SSM, rotated when close to expiry), read once and only when needed."""
-        if not credential:
-            stored, _ = tokens.ensure_tokens(pool.config, gh, now=clock.now())
-            credential[REGISTRATION_TOKEN] = stored.registration
-        return credential
-
-    def lap(name: str, since: float) -> float:
-        now = time.monotonic()
-        res.timings[name] = round(now - since, 3)
-        return now
-
-    try:
-        t = time.monotonic()
-        if ephemeral:
-            progress.phase(f"[1/4] selection: none (class {req.resource_class} is ephemeral: never reused)")
-        else:
-            progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {pool.name}")
-            sel = selection.select(pool, req.run_id, req.resource_class, req.count, req.usage_class, clock,
-                                   claimed_sink=touched, registration=registration() if fresh else None)
-            claimed, unhealthy, agents = sel.claimed, sel.unhealthy, sel.agents
-        t = lap("selection", t)
-        missing = req.count - len(claimed)
-        progress.phase(f"      {len(claimed)} claimed from the pool, {len(unhealthy)} unhealthy, {missing} to create")
-        if claimed and not fresh:
-            rl = relabel.claim(pool, gh, req.run_id, claimed, sel.agents, registration, clock)
-            relabelled, res.fallback = rl.ready, rl.reasons
-            res.relabelled = len(relabelled)
-            progress.phase(f"      {len(relabelled)} relabelled for {req.run_id}, {len(rl.fallback)} registering anew"
-                           + "".join(f"\n        {i}: {why}" for i, why in sorted(rl.reasons.items())[:5]))
-            t = lap("relabel", t)
-        progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
-        cr = creation.create(pool, req.run_id, req.resource_class, missing, usage, clock, created_sink=touched,
-                             registration=registration() if missing and not ephemeral else None)
-        created = cr.members
-        if ephemeral and created:
-            jit_runners.update(_deliver_jit_configs(pool, gh, req.run_id, created))
-        res.fleet_calls, res.capacity_errors = cr.fleet_calls, cr.errors_by_code
-        t = lap("creation", t)
-        res.from_pool, res.created = len(claimed), len(created)
-        members = claimed + created
-        if cr.shortfall:
-            codes = ", ".join(f"{k} x{v}" for k, v in sorted(cr.errors_by_code.items())) or "no error given"
-            res.reason = (f"EC2 could not supply {cr.shortfall} of {missing} instance(s) ({codes})"
-                          + ("; on-demand fallback was tried" if cr.fell_back else ""))
-            progress.phase(f"      {res.reason}")
-            return _fail(pool, req, res, claimed, created + unhealthy, progress, clock, counter, token, started,
-                         gh, jit_runners, relabelled, agents)
-        timeout = req.validation_timeout_s or pool.config.validation_timeout_s
-        checked = frozenset(m.instance_id for m in relabelled)
-        if len(checked) == len(members):
-            # Every runner was relabelled and checked on GitHub, its heartbeat read just after its claim.
-            progress.phase(f"[3/4] validation: {len(members)} runner(s) relabelled and checked on GitHub")
-            val = validation.ValidationResult(ready=sorted(checked), healthy=set(checked),
-                                              decided_at=clock.now())
-        else:
-            progress.phase(f"[3/4] validation: {len(members) - len(checked)} runner(s) must register for "
-                           f"{req.run_id} within {timeout:.0f} s" + (f", {len(checked)} relabelled" if checked else ""))
-            val = validation.validate(pool, req.run_id, members, timeout, progress, clock, relabelled=checked)
-        res.validated_at = val.decided_at
-        t = lap("validation", t)
-        if not val.ok:
-            res.reason = _validation_reason(val, len(members), timeout)
-            progress.phase(f"      {res.reason}")
-            healthy_claimed = [m for m in claimed if m.instance_id in val.healthy and m.instance_id not in val.failed]
-            doomed = created + unhealthy + [m for m in claimed if m not in healthy_claimed]
-            return _fail(pool, req, res, healthy_claimed, doomed, progress, clock, counter, token, started,
-                         gh, jit_runners, relabelled, agents)
-        progress.phase(f"[4/4] commit: {len(members)} runner(s) to running")
-        lost = finalize.commit(pool, req.run_id, members, clock)
-        lap("commit", t)
-        if lost:
-            res.reason = f"{len(lost)} instance(s) changed state before commit ({', '.join(lost)})"
-            committed = [m for m in members if m.instance_id not in lost]
-            back, committed = _unlabel(pool, gh, req.run_id, committed, relabelled, agents, State.RUNNING, clock)
-            cleanup = finalize.return_to_pool(pool, req.run_id, committed, State.RUNNING, progress, clock,
-                                              github=gh)
-            cleanup.returned_to_pool += back
-            cleanup.merge(finalize.terminate(pool, [(i, State.TERMINATED, None) for i in lost], clock, gh))
-            res.cleanup = cleanup
-            return _finish(res, counter, token, started, pool.config)
-        if unhealthy:
-            res.cleanup = finalize.terminate(pool, [(m.instance_id, State.CLAIMED, req.run_id) for m in unhealthy],
-                                             clock, gh)
-        res.ok = True
-        res.instances = members
-        return _finish(res, counter, token, started, pool.config)
-    except BaseException as exc:
-        cleanup = finalize.emergency(pool, req.run_id, touched, clock, gh)
-        _delete_jit_runners(gh, jit_runners)
-        res.cleanup = cleanup
-        _finish(res, counter, token, started, pool.config)
-        event("provision.emergency", run_id=req.run_id, error=str(exc), terminated=cleanup.terminated)
-        if isinstance(exc, RunnerPoolError):
-            exc.message += (f"; emergency cleanup terminated {len(cleanup.terminated)} instance(s)"
-                            + (f", {len(cleanup.failed)} left for reconcile" if cleanup.failed else ""))
-        raise
-
-
-def _validation_reason(val: validation.ValidationResult, n: int, timeout: float) -> str:
-    if val.failed:
-        first = sorted(val.failed.items())[:3]
-        return (f"{len(val.failed)} of {n} runner(s) failed validation: "
-                + "; ".join(f"{i}: {why}" for i, why in first))
-    missing = n - len(val.ready)
-    return f"only {len(val.ready)} of {n} runner(s) registered within {timeout:.0f} s ({missing} missing)"
-
-
-def _deliver_jit_configs(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]) -> dict[str, int]:
-    """One just-in-time runner per created instance, its config into that instance's row.
-
-    The name is the one the agent gives its first runner (``<instance-id>-1``),
-    the labels the run's and the pool's, as a registration from config.sh would have.
-    """
-    cfg = pool.config
-
-    def one(m: Member) -> tuple[str, int]:
-        jit = github.jit_config(f"{m.instance_id}-1", [run_id, cfg.pool_label], cfg.github.runner_group_id)
-        if not store.set_registration(pool, m.instance_id, run_id, State.CREATED, JIT_CONFIG, jit.encoded):
-            event("jit.row_moved", run_id=run_id, instance_id=m.instance_id)
-        return m.instance_id, jit.runner_id
-
-    out = dict(aws.parallel(one, members))
-    event("jit.delivered", run_id=run_id, instance_ids=sorted(out), runner_ids=sorted(out.values()))
-    return out
-
-
-def _delete_jit_runners(github: GitHubClient, runners: dict[str, int]) -> None:
-    """Best effort: just-in-time runners of instances that will never run them."""
-    for iid, runner_id in runners.items():
+        a = _Attempt(pool, req, usage, gh, progress, clock)
         try:
-            github.delete_runner(runner_id)
-        except RunnerPoolError as exc:
-            event("jit.delete_failed", instance_id=iid, runner_id=runner_id, error=str(exc))
+            sel = _select(a)
+            rl = _relabel(a, sel)
+            cr = _create(a, sel)
+            val = None if cr.shortfall else _validate(a, sel.claimed + cr.members, rl)
+            done = _carry_out(a, finalize.decide(sel, cr, val))
+        except BaseException as exc:
+            _finish(a, calls, Finalized(False, cleanup=_emergency(a, exc)))
+            raise
+        return _finish(a, calls, done)
 
 
-def _unlabel(pool: Pool, github: GitHubClient | None, run_id: str, members: list[Member],
-             relabelled: Sequence[Member], agents: Mapping[str, AgentRecord | None], from_: State,
-             clock: Clock) -> tuple[list[str], list[Member]]:
-    """Relabelled members back to the pool by removing the run's labels; the ids returned, and the
-    members left for the draining path."""
-    ids = {m.instance_id for m in relabelled}
-    listening = [m for m in members if m.instance_id in ids]
-    if github is None or not listening:
-        return [], members
-    back, _ = relabel.unlabel(pool, github, run_id, listening, agents, from_, clock)
+def _select(a: _Attempt) -> SelectionResult:
+    req = a.req
+    with a.laps.lap("selection"):
+        if a.ephemeral:
+            a.progress.phase(f"[1/4] selection: none (class {req.resource_class} is ephemeral: never reused)")
+        else:
+            a.progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {a.pool.name}")
+            a.selection = selection.select(a.pool, req.run_id, req.resource_class, req.count, req.usage_class,
+                                           a.clock, a.touched, a.registration() if a.fresh else None)
+    return a.selection
+
+
+def _relabel(a: _Attempt, sel: SelectionResult) -> relabel.ClaimResult:
+    """Give the claimed runners the run's labels on GitHub; the ones that cannot be get a credential."""
+    if not sel.claimed or a.fresh:
+        return a.relabel
+    with a.laps.lap("relabel"):
+        a.relabel = relabel.claim(a.pool, a.github, a.req.run_id, sel.claimed, sel.agents, a.registration,
+                                  a.clock)
+    rl = a.relabel
+    a.progress.phase(f"      {len(rl.ready)} relabelled for {a.req.run_id}, {len(rl.fallback)} registering anew"
+                     + "".join(f"\n        {i}: {why}" for i, why in sorted(rl.reasons.items())[:5]))
+    return rl
+
+
+def _create(a: _Attempt, sel: SelectionResult) -> CreationResult:
+    missing = a.req.count - len(sel.claimed)
+    a.progress.phase(f"      {len(sel.claimed)} claimed from the pool, {len(sel.unhealthy)} unhealthy, "
+                     f"{missing} to create")
+    a.progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
+    with a.laps.lap("creation"):
+        a.creation = creation.create(a.pool, a.req.run_id, a.req.resource_class, missing, a.usage_class, a.clock,
+                                     a.touched, a.registration() if missing and not a.ephemeral else None)
+        if a.ephemeral and a.creation.members:
+            a.jit_runners.update(jit.deliver(a.pool, a.github, a.req.run_id, a.creation.members))
+    return a.creation
+
+
+def _validate(a: _Attempt, members: list[Member], rl: relabel.ClaimResult) -> ValidationResult:
+    timeout = a.req.validation_timeout_s or a.pool.config.validation_timeout_s
+    checked = frozenset(m.instance_id for m in rl.ready)
+    ids = [m.instance_id for m in members]
+    if len(checked) == len(members):
+        # Every runner was relabelled and checked on GitHub, its heartbeat read just after its claim.
+        a.progress.phase(f"[3/4] validation: {len(members)} runner(s) relabelled and checked on GitHub")
+        val = ValidationResult(ready=ids, healthy=set(ids), decided_at=a.clock.now(), ids=ids, timeout_s=timeout)
+    else:
+        a.progress.phase(f"[3/4] validation: {len(members) - len(checked)} runner(s) must register for "
+                         f"{a.req.run_id} within {timeout:.0f} s"
+                         + (f", {len(checked)} relabelled" if checked else ""))
+        with a.laps.lap("validation"):
+            val = validation.validate(a.pool, a.req.run_id, members, timeout, a.progress, a.clock,
+                                      relabelled=checked)
+    a.validated_at = val.decided_at
+    return val
+
+
+def _carry_out(a: _Attempt, outcome: Outcome) -> Finalized:
+    run_id = a.req.run_id
+    if isinstance(outcome, Commit):
+        a.progress.phase(f"[4/4] commit: {len(outcome.members)} runner(s) to running")
+        with a.laps.lap("commit"):
+            return finalize.commit(a.pool, run_id, outcome, a.progress, a.clock, a.github)
+    a.progress.phase(f"      {outcome.failure.message}")
+    a.progress.phase(f"[4/4] rollback: {len(outcome.keep)} back to the pool, {len(outcome.doomed)} to terminate")
+    with a.laps.lap("rollback"):
+        back, outcome = _unlabel_kept(a, outcome)
+        done = finalize.rollback(a.pool, run_id, outcome, a.progress, a.clock, a.github)
+        done.cleanup.returned_to_pool.extend(back)
+        doomed = {m.instance_id for m in outcome.doomed}
+        jit.delete_runners(a.github, {i: r for i, r in a.jit_runners.items() if i in doomed})
+    return done
+
+
+def _unlabel_kept(a: _Attempt, outcome: Rollback) -> tuple[list[str], Rollback]:
+    """Relabelled runners the rollback keeps go back to the pool by losing the run's labels (their
+    agents never heard of the run); the rest of ``keep`` takes the draining path."""
+    relabelled = {m.instance_id for m in a.relabel.ready}
+    listening = [m for m in outcome.keep if m.instance_id in relabelled]
+    if not listening:
+        return [], outcome
+    back, _ = relabel.unlabel(a.pool, a.github, a.req.run_id, listening, a.selection.agents, State.CLAIMED,
+                              a.clock)
     returned = {m.instance_id for m in back}
-    return sorted(returned), [m for m in members if m.instance_id not in returned]
+    return sorted(returned), replace(outcome, keep=[m for m in outcome.keep if m.instance_id not in returned])
 
 
-def _fail(pool: Pool, req: ProvisionRequest, res: ProvisionResult, healthy_claimed: list[Member],
-          doomed: list[Member], progress: Progress, clock: Clock, counter: aws.CallCounter,
-          token: Any, started: float, github: GitHubClient | None = None,
-          jit_runners: dict[str, int] | None = None, relabelled: Sequence[Member] = (),
-          agents: Mapping[str, AgentRecord | None] | None = None) -> ProvisionResult:
-    t = time.monotonic()
-    progress.phase(f"[4/4] rollback: {len(healthy_claimed)} back to the pool, {len(doomed)} to terminate")
-    back, healthy_claimed = _unlabel(pool, github, req.run_id, healthy_claimed, relabelled, agents or {},
-                                     State.CLAIMED, clock)
-    res.cleanup = finalize.rollback(pool, req.run_id, healthy_claimed, doomed, progress, clock, github)
-    res.cleanup.returned_to_pool += back
-    if github is not None and jit_runners:
-        doomed_ids = {m.instance_id for m in doomed}
-        _delete_jit_runners(github, {i: r for i, r in jit_runners.items() if i in doomed_ids})
-    res.timings["rollback"] = round(time.monotonic() - t, 3)
-    return _finish(res, counter, token, started, pool.config)
+def _emergency(a: _Attempt, exc: BaseException) -> Cleanup:
+    """Terminate everything the attempt touched; say so in the error that is about to propagate."""
+    cleanup = emergency(a.pool, a.req.run_id, a.touched.ids, a.clock, a.github)
+    jit.delete_runners(a.github, a.jit_runners)
+    event("provision.emergency", run_id=a.req.run_id, error=str(exc), terminated=cleanup.terminated)
+    if isinstance(exc, RunnerPoolError):
+        exc.add_detail(f"emergency cleanup terminated {len(cleanup.terminated)} instance(s)"
+                       + (f", {len(cleanup.failed)} left for reconcile" if cleanup.failed else ""))
+    return cleanup
 
 
-def _finish(res: ProvisionResult, counter: aws.CallCounter, token: Any, started: float,
-            cfg: Any = None) -> ProvisionResult:
-    res.timings["total"] = round(time.monotonic() - started, 3)
-    res.api_calls = counter.by_service()
-    res.api_calls_by_op = counter.snapshot()
-    aws.stop_counting(token)
+def _finish(a: _Attempt, calls: aws.CallCounter, done: Finalized) -> ProvisionResult:
+    sel, cr = a.selection, a.creation
+    res = ProvisionResult(done.ok, a.req.run_id, a.req.run_id, a.req.resource_class, a.usage_class,
+                          instances=done.members, failure=done.failure, timings=a.laps.stop(),
+                          api_calls=calls.by_service(), api_calls_by_op=calls.snapshot(),
+                          validated_at=a.validated_at, fleet_calls=cr.fleet_calls,
+                          capacity_errors=cr.errors_by_code, cleanup=done.cleanup,
+                          from_pool=len(sel.claimed), created=len(cr.members), relabelled=len(a.relabel.ready),
+                          fallback=a.relabel.reasons)
     event("provision.done", run_id=res.run_id, ok=res.ok, instance_ids=res.instance_ids, reason=res.reason,
           duration_s=res.timings["total"], pool_hit_rate=res.pool_hit_rate, api_calls=res.api_calls,
           capacity_errors=res.capacity_errors, terminated=res.cleanup.terminated,
           returned=res.cleanup.returned_to_pool)
-    metrics.publish_provision(res, cfg)
+    metrics.publish_provision(res, a.pool.config)
     return res

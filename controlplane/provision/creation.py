@@ -31,24 +31,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from controlplane import aws, store
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.config import ResourceClass
-from controlplane.errors import AwsError
 from controlplane.logs import event
+from controlplane.provision.attempt import Touched
 from controlplane.records import LaunchedInstance, Member
 from controlplane.store import Pool
 
 
-@dataclass
+@dataclass(frozen=True)
 class CreationResult:
     members: list[Member] = field(default_factory=list)
     errors_by_code: dict[str, int] = field(default_factory=dict)
     fleet_calls: int = 0
     shortfall: int = 0
     fell_back: bool = False
+    requested: int = 0                  # how many this phase was asked for
 
 
 def instance_requirements(rc: ResourceClass) -> dict[str, Any]:
@@ -97,10 +96,8 @@ def fleet_request(pool: Pool, run_id: str, resource_class: str, count: int, usag
 
 def _launch(pool: Pool, request: dict[str, Any], usage_class: str) -> tuple[list[LaunchedInstance], Counter[str]]:
     ec2 = aws.fleet_client(pool.region)
-    try:
+    with aws.mapped("ec2:CreateFleet", hint="check the launch template, subnets and EC2 quotas"):
         resp = ec2.create_fleet(**request)
-    except ClientError as exc:
-        raise aws.wrap(exc, "ec2:CreateFleet", hint="check the launch template, subnets and EC2 quotas") from exc
     launched = []
     for entry in resp.get("Instances", []):       # EC2 groups ids per type/override; moto lists one per id
         override = (entry.get("LaunchTemplateAndOverrides") or {}).get("Overrides") or {}
@@ -112,16 +109,18 @@ def _launch(pool: Pool, request: dict[str, Any], usage_class: str) -> tuple[list
 
 
 def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str,
-           clock: Clock = SYSTEM_CLOCK, created_sink: list[str] | None = None,
+           clock: Clock = SYSTEM_CLOCK, touched: Touched | None = None,
            registration: dict[str, str] | None = None) -> CreationResult:
-    """Launch ``count`` instances; ``created_sink`` receives ids as soon as EC2 returns them.
+    """Launch ``count`` instances; ``touched`` learns their ids as soon as EC2 returns them.
 
     ``registration`` goes into every ``created`` row with the row itself (no extra write): what
     each agent registers with (see :data:`controlplane.records.REGISTRATION_ATTRIBUTES`).
     """
-    res = CreationResult()
     if count <= 0:
-        return res
+        return CreationResult()
+    members: list[Member] = []
+    fleet_calls = 0
+    fell_back = False
     cfg = pool.config
     attempts = [usage_class]
     if usage_class == "spot" and cfg.spot_fallback:
@@ -134,25 +133,19 @@ def create(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             break
         request = fleet_request(pool, run_id, resource_class, missing, lifecycle, attempt, nonce)
         launched, errs = _launch(pool, request, lifecycle)
-        res.fleet_calls += 1
+        fleet_calls += 1
         errors.update(errs)
-        if created_sink is not None:
-            created_sink.extend(li.instance_id for li in launched)
+        if touched is not None:
+            touched.add(li.instance_id for li in launched)
         if launched:
             now = clock.now()
-            try:
-                records = store.put_created(pool, launched, run_id, resource_class,
-                                            threshold=now + cfg.claim_timeout_s, now=now,
-                                            registration=registration)
-            except AwsError:
-                raise                               # the caller's emergency path terminates created_sink
-            res.members.extend(Member(r.instance_id, r.arn, "created", r.instance_type, r.subnet_id,
+            # A failed write raises: the caller's emergency path terminates what ``touched`` holds.
+            records = store.put_created(pool, launched, run_id, resource_class,
+                                        threshold=now + cfg.claim_timeout_s, now=now, registration=registration)
+            members.extend(Member(r.instance_id, r.arn, "created", r.instance_type, r.subnet_id,
                                       r.usage_class, resource_class) for r in records)
         missing -= len(launched)
-        if attempt > 0:
-            res.fell_back = True
+        fell_back = fell_back or attempt > 0
         event("creation.fleet", run_id=run_id, usage_class=lifecycle, requested=missing + len(launched),
               launched=[li.instance_id for li in launched], errors=dict(errs))
-    res.errors_by_code = dict(errors)
-    res.shortfall = max(0, missing)
-    return res
+    return CreationResult(members, dict(errors), fleet_calls, max(0, missing), fell_back, count)

@@ -166,7 +166,7 @@ def _fall_back(pool: Pool, github: GitHubClient, run_id: str, members: list[Memb
     for one in its row, and an agent that finds one while its runner still
     listens stops that runner itself before it registers.
     """
-    from controlplane.provision.finalize import remove_runners
+    from controlplane.termination import remove_runners
 
     token = registration()[REGISTRATION_TOKEN]
 
@@ -222,8 +222,8 @@ def unlabel(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]
             why[iid] = f"labels not removed: {cleared[rid]}"
             del runner_of[iid]
     def idle(m: Member) -> bool:
-        t = transition(pool.table, pool.region, m.arn, from_=from_, to=State.IDLE, run_id=run_id,
-                       new_run_id=None, threshold=now + cfg.idle_time_s, now=now, when="any")
+        t = transition(pool, m.instance_id, from_=from_, to=State.IDLE, expect_run=run_id, set_run=None, now=now,
+                       when="any")
         if t.lost:
             why[m.instance_id] = f"row moved on: {t.reason}"
         return t.won

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane import aws, pool as pool_q, store
+from controlplane import aws, store
+from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.logs import event
 from controlplane.pool import PoolMessage
+from controlplane.provision.attempt import Touched
 from controlplane.records import AgentRecord, Member, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
@@ -41,11 +43,19 @@ from controlplane.store import Pool
 SELECTION_TIMEOUT_S = 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectionResult:
-    claimed: list[Member] = field(default_factory=list)
-    unhealthy: list[Member] = field(default_factory=list)
+    claimed: list[Member] = field(default_factory=list)       # healthy, ``claimed`` for the run
+    unhealthy: list[Member] = field(default_factory=list)     # claimed, but must be terminated
+    received: int = 0
+    stale_dropped: int = 0
+    lost_races: int = 0
+    given_back: int = 0
     agents: dict[str, AgentRecord | None] = field(default_factory=dict)   # the health read, by instance id
+
+
+@dataclass
+class _Tally:
     received: int = 0
     stale_dropped: int = 0
     lost_races: int = 0
@@ -53,19 +63,22 @@ class SelectionResult:
 
 
 def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class: str | None,
-           clock: Clock = SYSTEM_CLOCK, claimed_sink: list[str] | None = None,
+           clock: Clock = SYSTEM_CLOCK, touched: Touched | None = None,
            registration: dict[str, str] | None = None) -> SelectionResult:
-    """Claim up to ``count`` runners; ``claimed_sink`` receives each id the moment its claim wins,
+    """Claim up to ``count`` runners; ``touched`` learns each id the moment its claim wins,
     so the caller's emergency path knows every row this run holds even if selection raises."""
-    res = SelectionResult()
     if count <= 0:
-        return res
+        return SelectionResult()
+    claimed: list[Member] = []
+    unhealthy_all: list[Member] = []
+    agents: dict[str, AgentRecord | None] = {}
+    res = _Tally()
     cfg = pool.config
     url = pool_q.queue_url(cfg, resource_class)
     deadline = Deadline(SELECTION_TIMEOUT_S, clock)
     first = True
-    while len(res.claimed) < count and not deadline.expired:
-        want = count - len(res.claimed)
+    while len(claimed) < count and not deadline.expired:
+        want = count - len(claimed)
         msgs = pool_q.receive(cfg.region, url, min(pool_q.BATCH_MAX, want), pool_q.LONG_POLL_S if first else 0)
         first = False
         rest = want - len(msgs)
@@ -90,7 +103,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
                 candidates.append(m)
         keep = candidates[:want]
         back.extend(candidates[want:])
-        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, claimed_sink, registration)), keep)
+        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, touched, registration)), keep)
         won: list[Member] = []
         for _, member in outcomes:
             if member is None:
@@ -103,29 +116,28 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             pool_q.give_back(cfg.region, url, back)
             res.given_back += len(back)
         if won:
-            healthy, unhealthy = _check_health(pool, won, clock, res.agents)
-            res.claimed.extend(healthy)
-            res.unhealthy.extend(unhealthy)
+            healthy, unhealthy = _check_health(pool, won, clock, agents)
+            claimed.extend(healthy)
+            unhealthy_all.extend(unhealthy)
         if not candidates and back:
             break                                   # everything visible is for someone else
     event("selection.done", run_id=run_id, resource_class=resource_class, wanted=count,
-          claimed=[m.instance_id for m in res.claimed], unhealthy=[m.instance_id for m in res.unhealthy],
+          claimed=[m.instance_id for m in claimed], unhealthy=[m.instance_id for m in unhealthy_all],
           received=res.received, lost_races=res.lost_races, given_back=res.given_back)
-    return res
+    return SelectionResult(claimed, unhealthy_all, res.received, res.stale_dropped, res.lost_races, res.given_back,
+                           agents)
 
 
-def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, sink: list[str] | None,
+def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, touched: Touched | None,
            registration: dict[str, str] | None = None) -> Member | None:
-    now = clock.now()
-    t = transition(pool.table, pool.region, pool.arn(m.instance_id), from_=State.IDLE, to=State.CLAIMED,
-                   run_id=None, new_run_id=run_id, threshold=now + pool.config.claim_timeout_s, now=now,
-                   registration=registration)
+    t = transition(pool, m.instance_id, from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run=run_id,
+                   now=clock.now(), registration=registration)
     if t.lost or t.record is None:
         event("claim.lost", run_id=run_id, instance_id=m.instance_id, reason=t.reason)
         return None
     r = t.record
-    if sink is not None:
-        sink.append(r.instance_id)                  # list.append is atomic: claims run in threads
+    if touched is not None:
+        touched.add([r.instance_id])
     return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
 
 
@@ -134,7 +146,8 @@ def _check_health(pool: Pool, members: list[Member], clock: Clock,
     rows = store.read_set(pool, [m.instance_id for m in members])
     agents.update({iid: agent for iid, (_, agent) in rows.items()})
     now = clock.now()
-    healthy, unhealthy = [], []
+    healthy: list[Member] = []
+    unhealthy: list[Member] = []
     for m in members:
         _, agent = rows.get(m.instance_id, (None, None))
         ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from controlplane import store
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
+from controlplane.errors import ValidationFailed, ValidationTimeout
 from controlplane.logs import QUIET, Progress, event
 from controlplane.records import Member
 from controlplane.store import Pool
@@ -22,7 +23,7 @@ from controlplane.store import Pool
 POLL_INTERVAL_S = 0.2
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValidationResult:
     ready: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)      # instance id -> reason
@@ -30,10 +31,29 @@ class ValidationResult:
     polls: int = 0
     healthy: set[str] = field(default_factory=set)            # fresh heartbeat at the last poll
     decided_at: float | None = None                           # wall clock of the poll that decided (epoch)
+    ids: list[str] = field(default_factory=list)              # every member's id, in order
+    timeout_s: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.timed_out
+
+    def failure(self) -> ValidationFailed | ValidationTimeout | None:
+        """Why the set was not accepted, as a typed value (None when it was)."""
+        if self.failed:
+            return ValidationFailed(self.failed, len(self.ids))
+        if self.timed_out:
+            missing = [i for i in self.ids if i not in set(self.ready)]
+            return ValidationTimeout(self.ready, missing, self.timeout_s)
+        return None
+
+
+@dataclass
+class _Poll:
+    ready: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    healthy: set[str] = field(default_factory=set)
+    polls: int = 0
 
 
 def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
@@ -41,9 +61,9 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
              relabelled: frozenset[str] = frozenset()) -> ValidationResult:
     """``relabelled``: members whose listening runner the claim already relabelled and checked on
     GitHub; their agents signal nothing new, so for them a fresh heartbeat is enough."""
-    res = ValidationResult()
     if not members:
-        return res
+        return ValidationResult()
+    res = _Poll()
     cfg = pool.config
     ids = [m.instance_id for m in members]
     # Claimed members were healthy when claimed: a stale heartbeat later means it stopped.
@@ -54,7 +74,9 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
         res.polls += 1
         rows = store.read_set(pool, ids)
         now = clock.now()
-        ready, failed, healthy = [], {}, set()
+        ready: list[str] = []
+        failed: dict[str, str] = {}
+        healthy: set[str] = set()
         for iid in ids:
             record, agent = rows[iid]
             if record is None:
@@ -83,8 +105,7 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
         return bool(failed) or len(ready) == len(ids)
 
     done = wait_until(poll, deadline, POLL_INTERVAL_S)
-    res.timed_out = not done
-    res.decided_at = clock.now()
-    event("validation.done", run_id=run_id, ready=res.ready, failed=res.failed, timed_out=res.timed_out,
-          polls=res.polls, elapsed_s=round(deadline.elapsed_s, 3))
-    return res
+    out = ValidationResult(res.ready, res.failed, not done, res.polls, res.healthy, clock.now(), ids, timeout_s)
+    event("validation.done", run_id=run_id, ready=out.ready, failed=out.failed, timed_out=out.timed_out,
+          polls=out.polls, elapsed_s=round(deadline.elapsed_s, 3))
+    return out

@@ -105,7 +105,7 @@ class ProviderHost:
         env = {**os.environ, "PULUMI_PROJECT": PROJECT, "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONPATH", None)          # the engine gives none: imports must work from the cwd alone
         self.stderr_path = stderr_path
-        self._stderr: IO[bytes] = open(stderr_path, "wb")  # noqa: SIM115 - open while the host runs
+        self._stderr: IO[bytes] = open(stderr_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "pulumi.dynamic"], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None

@@ -91,7 +91,7 @@ class Project:
 
     def start(self, *args: str, stack: str | None = None, log: Path) -> subprocess.Popen[bytes]:
         """``pulumi ARGS`` in the background, in a process group of its own (as a job step's tree)."""
-        out = open(log, "wb")  # noqa: SIM115 - handed to the child
+        out = open(log, "wb")
         try:
             return subprocess.Popen(self.command(*args, stack=stack), cwd=self.dir, env=self.env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

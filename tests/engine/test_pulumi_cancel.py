@@ -81,7 +81,7 @@ def run_step(step: dict[str, Any], project: Project, env: dict[str, str], log: P
     cwd = project.dir if step.get("working-directory") == "runner-pool" else project.tmp
     cmd = ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)]
     if background:
-        out = open(log, "wb")  # noqa: SIM115 - handed to the child
+        out = open(log, "wb")
         try:
             return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)

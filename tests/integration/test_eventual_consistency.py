@@ -11,11 +11,11 @@ import uuid
 from typing import Any
 
 from controlplane import store
-from controlplane.apply import terminate
 from controlplane.clock import AheadClock, SystemClock
 from controlplane.provision import ProvisionRequest, provision
 from controlplane.reconcile import VISIBILITY_GRACE_S, reconcile
 from controlplane.records import InstanceRecord, State
+from controlplane.termination import terminate_ec2
 from tests.conftest import Emu
 from tests.integration.test_provision import ec2_states, states
 
@@ -61,7 +61,7 @@ def test_a_not_found_on_terminate_is_retried_until_ec2_knows_the_instance(make_p
     emu.fault(op="TerminateInstances", code="InvalidInstanceID.NotFound", status=400, count=3, contains=iid,
               message=f"The instance ID '{iid}' does not exist")
     clock = SkippingClock()
-    res = terminate(pool.region, [iid], clock)
+    res = terminate_ec2(pool.region, [iid], clock)
     assert res.terminated == [iid] and res.not_found == []
     assert len(clock.sleeps) >= 2 and clock.sleeps == sorted(clock.sleeps)     # backing off
     assert sum(r["hits"] for r in emu.fault_rules()["rules"]) == 3
@@ -72,7 +72,7 @@ def test_an_instance_ec2_never_knows_is_reported_not_found_after_the_retries(mak
     pool = make_pool()
     never = "i-0fedcba987654321f"
     clock = SkippingClock()
-    res = terminate(pool.region, [never], clock, not_found_retry_s=20)
+    res = terminate_ec2(pool.region, [never], clock, not_found_retry_s=20)
     assert res.terminated == [] and res.not_found == [never]
     assert 15 <= clock.skipped <= 20 and len(clock.sleeps) >= 4              # it kept trying, for 20 s
 
@@ -84,14 +84,14 @@ def test_reconcile_reports_an_orphan_it_could_not_terminate_as_failed(make_pool:
     iid = a.instance_ids[0]
     store.delete_rows(pool, [pool.arn(iid)])                  # an orphan: reconcile terminates it
     emu.fault(op="TerminateInstances", code="InvalidInstanceID.NotFound", status=400, contains=iid)
-    import controlplane.apply as apply_mod
+    import controlplane.termination as termination_mod
 
-    saved = apply_mod.NOT_FOUND_RETRY_S
-    apply_mod.NOT_FOUND_RETRY_S = 2.0
+    saved = termination_mod.NOT_FOUND_RETRY_S
+    termination_mod.NOT_FOUND_RETRY_S = 2.0
     try:
         res = reconcile(pool, clock=AheadClock(600))
     finally:
-        apply_mod.NOT_FOUND_RETRY_S = saved
+        termination_mod.NOT_FOUND_RETRY_S = saved
     assert [f for f in res.failed if f.startswith(iid)] == [f"{iid}: InvalidInstanceID.NotFound after retries"]
     emu.clear_aws_faults()
     assert [(x.kind, x.target) for x in reconcile(pool, clock=AheadClock(600)).applied] == [

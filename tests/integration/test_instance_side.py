@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from controlplane import aws, launch_template, store, token
+from controlplane import aws, launch_template, store, termination, token
 from controlplane.clock import Deadline, wait_until
 from controlplane.config import USER_DATA_LIMIT_BYTES, PoolConfig
 from controlplane.github import GitHubClient
@@ -33,7 +33,6 @@ from controlplane.local.emulator import FAULTS, REQUESTS, Emulator
 from controlplane.local.github_standin import GitHubStandIn
 from controlplane.local.imds import ImdsStandIn
 from controlplane.local.simulator import Simulator, processes_of
-from controlplane.provision import finalize
 from controlplane.records import (
     REGISTRATION_ATTRIBUTES,
     REGISTRATION_TOKEN,
@@ -104,11 +103,8 @@ class World:
         runner_dir = self.work_dir / iid / "actions-runner"
         return sorted(n for n in (".runner", ".credentials", ".credentials_rsaparams") if (runner_dir / n).exists())
 
-    def move(self, iid: str, from_: State, to: State, run_id: str | None, threshold_in_s: float,
-             **kw: Any) -> None:
-        now = time.time()
-        result = transition(self.cfg.table_name, self.cfg.region, self.pool.arn(iid), from_=from_, to=to,
-                            run_id=run_id, threshold=now + threshold_in_s, now=now, **kw)
+    def move(self, iid: str, from_: State, to: State, run_id: str | None, **kw: Any) -> None:
+        result = transition(self.pool, iid, from_=from_, to=to, expect_run=run_id, now=time.time(), **kw)
         assert result.won, result.reason
 
     def terminate(self, iid: str) -> None:
@@ -235,19 +231,19 @@ def test_release_deregisters_first_then_the_runner_serves_the_next_run(world: Wo
     world.wait_signal(iid, Signal.REGISTERED, rid)
     (runner,) = world.runners_of(iid)
     assert world.agent(iid).runner_id == runner["id"], "the agent reports its runner's GitHub id"
-    world.move(iid, State.CREATED, State.RUNNING, rid, 600)
+    world.move(iid, State.CREATED, State.RUNNING, rid)
     assert not set(world.state_row(iid)) & set(REGISTRATION_ATTRIBUTES), "commit takes the token away"
-    world.move(iid, State.RUNNING, State.DRAINING, rid, 60, new_run_id=None)
+    world.move(iid, State.RUNNING, State.DRAINING, rid, set_run=None)
 
     agent = world.wait_signal(iid, Signal.DEREGISTERED, rid)
     assert agent.deregistered_from(rid) and agent.runner_id == runner["id"]
     assert world.runner_files(iid) == [], "the runner's credential files are wiped before the signal"
     gh = GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE)
-    assert finalize.remove_runners(world.pool, gh, {iid: agent}) == [iid]      # what release does next
+    assert termination.remove_runners(world.pool, gh, {iid: agent}) == [iid]      # what release does next
     assert world.runners_of(iid) == []
 
-    world.move(iid, State.DRAINING, State.IDLE, None, 300)
-    world.move(iid, State.IDLE, State.CLAIMED, None, 60, new_run_id=next_rid, registration=world.registration())
+    world.move(iid, State.DRAINING, State.IDLE, None)
+    world.move(iid, State.IDLE, State.CLAIMED, None, set_run=next_rid, registration=world.registration())
     agent = world.wait_signal(iid, Signal.REGISTERED, next_rid)
     assert agent.runner_name == f"{iid}-2"
     (runner,) = world.runners_of(iid)
@@ -437,8 +433,8 @@ def test_the_agent_writes_only_its_listed_attributes(world: World) -> None:
     rid = run_id()
     (iid,) = world.launch(1, rid)
     world.wait_signal(iid, Signal.REGISTERED, rid)
-    world.move(iid, State.CREATED, State.RUNNING, rid, 600)
-    world.move(iid, State.RUNNING, State.DRAINING, rid, 60, new_run_id=None)
+    world.move(iid, State.CREATED, State.RUNNING, rid)
+    world.move(iid, State.RUNNING, State.DRAINING, rid, set_run=None)
     world.wait_signal(iid, Signal.DEREGISTERED, rid)
     item = aws.client("dynamodb", world.cfg.region).get_item(
         TableName=world.cfg.table_name, Key={"pk": {"S": "agent#" + world.pool.arn(iid)}, "sk": {"S": "agent"}},
@@ -451,7 +447,7 @@ def test_a_runner_deleted_after_commit_cannot_register_again_and_its_instance_po
     rid = run_id()
     (iid,) = world.launch(1, rid)
     world.wait_signal(iid, Signal.REGISTERED, rid)
-    world.move(iid, State.CREATED, State.RUNNING, rid, 600)              # commit: the token is gone
+    world.move(iid, State.CREATED, State.RUNNING, rid)              # commit: the token is gone
     (runner,) = world.runners_of(iid)
     GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE).delete_runner(runner["id"])
     agent = world.wait_signal(iid, Signal.REGISTRATION_FAILED, rid)
@@ -472,7 +468,7 @@ def test_a_forged_runner_id_does_not_make_the_control_plane_delete_another_insta
     forged = AgentRecord(forged.arn, forged.heartbeat_at, forged.signal, forged.signal_run, forged.signal_at,
                          forged.runner_name, forged.detail, runner_id=victim_runner["id"])
     gh = GitHubClient(api_url=world.github.url, token=PAT, scope=SCOPE)
-    assert finalize.remove_runners(world.pool, gh, {forger: forged}) == []
+    assert termination.remove_runners(world.pool, gh, {forger: forged}) == []
     assert [r["id"] for r in world.runners_of(victim)] == [victim_runner["id"]], "the victim's runner stays"
     for iid in (victim, forger):
         world.terminate(iid)

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from controlplane import aws, pool as pool_q
+from controlplane import aws
+from controlplane import pool as pool_q
 from controlplane.config import parse_config
 from controlplane.pool import PoolMessage
 from tests.conftest import pool_config_dict

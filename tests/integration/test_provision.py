@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from controlplane import aws, pool as pool_q, store
+from controlplane import aws, store
+from controlplane import pool as pool_q
 from controlplane.apply import pool_instance_ids
 from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.reconcile import reconcile

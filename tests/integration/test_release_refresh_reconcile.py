@@ -1,21 +1,21 @@
 """Release, refresh and reconcile on the embedded default: nothing leaks."""
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 import uuid
 from typing import Any
 
-import json
-import urllib.request
-
-from controlplane import launch_template, pool as pool_q, store, token
+from controlplane import launch_template, store, token
+from controlplane import pool as pool_q
+from controlplane.clock import AheadClock
 from controlplane.github import github_client_from_env
 from controlplane.provision import ProvisionRequest, provision
 from controlplane.reconcile import reconcile
 from controlplane.records import InstanceRecord, State
 from controlplane.refresh import refresh
 from controlplane.release import release
-from controlplane.clock import AheadClock
 from tests.conftest import Emu
 from tests.integration.test_provision import ec2_states, online_runners, states
 

@@ -39,8 +39,7 @@ def row(pool: Pool, state: State, run_id: str | None = None, threshold_in: float
 
 def move(pool: Pool, r: InstanceRecord, to: State, run_id: Any, **kw: Any) -> Any:
     now = time.time()
-    return transition(pool.table, pool.region, r.arn, from_=r.state, to=to, run_id=run_id,
-                      threshold=now + 60, now=now, **kw)
+    return transition(pool, r.instance_id, from_=r.state, to=to, expect_run=run_id, now=now, **kw)
 
 
 @pytest.mark.parametrize("edge", sorted(TRANSITIONS, key=lambda e: (e[0].value, e[1].value)),
@@ -51,7 +50,7 @@ def test_every_transition_in_the_table_wins_when_the_row_is_as_expected(pool: Po
     r = row(pool, from_, run)
     new_run: Any = "run-2" if (from_, to) == (State.IDLE, State.CLAIMED) else (None if to in (
         State.DRAINING, State.TERMINATED) else run)
-    t = move(pool, r, to, run, new_run_id=new_run)
+    t = move(pool, r, to, run, set_run=new_run)
     assert t.won, t.reason
     got = store.get_record(pool, r.instance_id)
     assert got is not None and got.state is to and got.version == 2
@@ -82,8 +81,8 @@ def test_a_lost_race_is_a_value_that_says_why(pool: Pool, case: str, reason: str
     else:
         r = InstanceRecord(arn=pool.arn("i-0000000000000dead"), state=State.IDLE, threshold=0, resource_class="s",
                            instance_type="t", usage_class="on-demand", subnet_id="s", launched_at=0)
-    t = transition(pool.table, pool.region, r.arn, from_=State.IDLE, to=State.CLAIMED, run_id=None,
-                   new_run_id="run-1", threshold=time.time() + 60, now=time.time())
+    t = transition(pool, r.instance_id, from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run="run-1",
+                   now=time.time())
     assert not t.won and t.reason == reason
     if case != "missing":
         assert store.get_record(pool, r.instance_id) == t.record          # untouched, and reported as it is
@@ -98,8 +97,8 @@ def _race(pool: Pool, ids: list[str], threads: int) -> dict[str, list[str]]:
         barrier.wait()
         for iid in ids[n % len(ids):] + ids[:n % len(ids)]:
             now = time.time()
-            t = transition(pool.table, pool.region, pool.arn(iid), from_=State.IDLE, to=State.CLAIMED, run_id=None,
-                           new_run_id=f"run-{n}", threshold=now + 60, now=now)
+            t = transition(pool, iid, from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run=f"run-{n}",
+                           now=now)
             if t.won:
                 with lock:
                     winners[iid].append(f"run-{n}")
@@ -160,13 +159,13 @@ def test_a_resent_write_that_had_already_landed_counts_as_won_not_as_a_lost_race
     # condition fails on our own result. Same call (same ``now``): won. Anyone else's call: lost.
     r = row(pool, State.IDLE)
     now = time.time()
-    claim = dict(from_=State.IDLE, to=State.CLAIMED, run_id=None, new_run_id="run-a", threshold=now + 60)
-    first = transition(pool.table, pool.region, r.arn, now=now, **claim)
-    resent = transition(pool.table, pool.region, r.arn, now=now, **claim)
+    claim = dict(from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run="run-a")
+    first = transition(pool, r.instance_id, now=now, **claim)
+    resent = transition(pool, r.instance_id, now=now, **claim)
     assert first.won and resent.won
     assert resent.record is not None and resent.record.run_id == "run-a" and resent.record.version == 2
-    rival = transition(pool.table, pool.region, r.arn, now=now, **{**claim, "new_run_id": "run-b"})
-    later = transition(pool.table, pool.region, r.arn, now=now + 1, **claim)
+    rival = transition(pool, r.instance_id, now=now, **{**claim, "set_run": "run-b"})
+    later = transition(pool, r.instance_id, now=now + 1, **claim)
     assert rival.lost and later.lost
     got = store.get_record(pool, r.instance_id)
     assert got is not None and got.run_id == "run-a" and got.version == 2

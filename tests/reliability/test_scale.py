@@ -28,8 +28,19 @@ from controlplane.reconcile import ORPHAN_GRACE_S, Action, ReconcileResult, reco
 from controlplane.refresh import RefreshResult, refresh
 from tests.reliability import invariants
 from tests.reliability.scale_fixture import (
-    KINDS, Planted, World, ahead_clock, check_end_state, check_reconcile, check_refresh, counts_for,
-    expected_actions, expected_expired, local_world, plant, pool_config,
+    KINDS,
+    Planted,
+    World,
+    ahead_clock,
+    check_end_state,
+    check_reconcile,
+    check_refresh,
+    counts_for,
+    expected_actions,
+    expected_expired,
+    local_world,
+    plant,
+    pool_config,
 )
 
 ROWS = 3000           # about 1.6 MB of state and agent rows: two Scan pages
@@ -43,12 +54,8 @@ def world() -> Iterator[World]:
 
 
 def counted(fn: Any) -> tuple[Any, dict[str, int]]:
-    counter = aws.CallCounter()
-    token = aws.counting(counter)
-    try:
+    with aws.counted() as counter:
         return fn(), counter.snapshot()
-    finally:
-        aws.stop_counting(token)
 
 
 @pytest.mark.timeout(900)    # pages of rows through moto on a busy 2-core machine: 300 s was seen exceeded

@@ -183,9 +183,9 @@ def test_every_case_evaluates_as_intended_with_every_context_key_applying() -> N
     names = list(CASES)
     results = simulate([{**CASES[n][1], "account": ACCOUNT, "policies": {CASES[n][0]: policies[CASES[n][0]]}}
                         for n in names])
-    wrong = {n: r for n, r in zip(names, results) if r["result"] != CASES[n][2]}
+    wrong = {n: r for n, r in zip(names, results, strict=True) if r["result"] != CASES[n][2]}
     assert wrong == {}
-    ignored = {n: r["ignoredContextKeys"] for n, r in zip(names, results) if r.get("ignoredContextKeys")}
+    ignored = {n: r["ignoredContextKeys"] for n, r in zip(names, results, strict=True) if r.get("ignoredContextKeys")}
     assert ignored == {}
 
 
