@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 # Runs the CLI exactly as the console script does, after installing an audit hook that notes the
 # first connect to each port (stderr line "@@connect <port> <epoch>"). No import happens before

@@ -28,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
-from command_latency import WRAPPER  # noqa: E402
+import _harness as h
+from command_latency import WRAPPER
 
 COMMANDS = {
     "provision": ["provision", "--pool", "demo", "--region", "us-east-1", "--run-id", "run-1",

@@ -219,7 +219,7 @@ def _prewarm_github() -> None:
 
     def load() -> None:
         try:
-            import githubkit  # noqa: F401
+            import githubkit
             import githubkit.exception  # noqa: F401
         except ImportError:
             pass                        # the command's own import reports it

@@ -35,13 +35,11 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from controlplane.errors import ConfigError, ConfigErrors
-from controlplane.patterns import (  # noqa: F401 - re-exported
-    CLASS_RE,
-    NAME_RE,
-    REGION_RE,
-    RUN_ID_RE,
-    USAGE_CLASSES,
-)
+from controlplane.patterns import CLASS_RE as CLASS_RE
+from controlplane.patterns import NAME_RE as NAME_RE
+from controlplane.patterns import REGION_RE as REGION_RE
+from controlplane.patterns import RUN_ID_RE as RUN_ID_RE
+from controlplane.patterns import USAGE_CLASSES as USAGE_CLASSES
 
 UsageClass = Literal["spot", "on-demand"]
 

@@ -371,20 +371,22 @@ class GitHubClient:
     def _set_labels(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy], runner_id: int,
                     labels: Sequence[str]) -> tuple[str, ...]:
         with self._mapped_errors(f"set the labels of runner {runner_id}"):
+            actions = gh.rest.actions
             if not labels:                      # GitHub's documented way to clear: DELETE .../labels
                 if self.is_org:
-                    data = gh.rest.actions.remove_all_custom_labels_from_self_hosted_runner_for_org(
+                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_org(
                         self.scope, runner_id).parsed_data
                 else:
                     owner, repo = self.scope.split("/")
-                    data = gh.rest.actions.remove_all_custom_labels_from_self_hosted_runner_for_repo(
+                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_repo(
                         owner, repo, runner_id).parsed_data
-            elif self.is_org:
-                data = gh.rest.actions.set_custom_labels_for_self_hosted_runner_for_org(
+                return tuple(label.name for label in cleared.labels)
+            if self.is_org:
+                data = actions.set_custom_labels_for_self_hosted_runner_for_org(
                     self.scope, runner_id, labels=list(labels)).parsed_data
             else:
                 owner, repo = self.scope.split("/")
-                data = gh.rest.actions.set_custom_labels_for_self_hosted_runner_for_repo(
+                data = actions.set_custom_labels_for_self_hosted_runner_for_repo(
                     owner, repo, runner_id, labels=list(labels)).parsed_data
         return tuple(label.name for label in data.labels)
 
@@ -418,7 +420,7 @@ class GitHubClient:
                 return {key(items[0]): one(gh, items[0])}
             with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
                 futures = [pool.submit(contextvars.copy_context().run, one, gh, item) for item in items]
-                return {key(item): f.result() for item, f in zip(items, futures)}
+                return {key(item): f.result() for item, f in zip(items, futures, strict=True)}
 
     def _github(self) -> GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy]:
         """A fresh githubkit client: never stored (see the module docstring)."""

@@ -879,7 +879,7 @@ class GitHubStandIn:
             return None
         have = {n.lower() for n, _ in runner.labels}
         for job in sorted(self._jobs.values(), key=lambda j: j.id):
-            if job.status == "queued" and job.scope == runner.scope and all(l.lower() in have for l in job.labels):
+            if job.status == "queued" and job.scope == runner.scope and all(label.lower() in have for label in job.labels):
                 taken = replace(job, status="in_progress", runner_id=runner.id, runner_name=runner.name,
                                 runner_labels=tuple(n for n, _ in runner.labels), started_at=time.time())
                 self._jobs[job.id] = taken

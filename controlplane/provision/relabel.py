@@ -174,7 +174,7 @@ def _fall_back(pool: Pool, github: GitHubClient, run_id: str, members: list[Memb
         return store.set_registration(pool, m.instance_id, run_id, State.CLAIMED, REGISTRATION_TOKEN, token)
 
     handed = aws.parallel(one, members)
-    for m, ok in zip(members, handed):
+    for m, ok in zip(members, handed, strict=True):
         (res.fallback if ok else res.lost).append(m)
     old = {m.instance_id: agents.get(m.instance_id) for m in res.fallback
            if listening_runner(m, agents.get(m.instance_id)) is not None}
@@ -229,7 +229,7 @@ def unlabel(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]
         return t.won
 
     candidates = [m for m in members if m.instance_id in runner_of]
-    back = [m for m, won in zip(candidates, aws.parallel(idle, candidates)) if won]
+    back = [m for m, won in zip(candidates, aws.parallel(idle, candidates), strict=True) if won]
     by_class: dict[str, list[Member]] = {}
     for m in back:
         by_class.setdefault(m.resource_class, []).append(m)
