@@ -9,10 +9,11 @@ them, runs the command with the same audit hook as
 the first AWS call), and stops the command once the connection came (or
 after ``--timeout``). ``--help`` is timed to exit as well.
 
-    PYTHONPATH=. python bench/command_start.py [--repeats 10] [--out command_start]
+    PYTHONPATH=. python bench/command_start.py [--repeats 10] [--tree NAME=PATH ...] [--out command_start]
 
-It runs the code on ``PYTHONPATH`` (or the checkout it lives in), so the same
-script measures another tree: ``PYTHONPATH=/path/to/tree python bench/command_start.py``.
+Each ``--tree`` is a checkout whose code the commands run (``PYTHONPATH``);
+the trees take turns, sample by sample, so a busy machine slows them alike
+and their ratio holds. Without ``--tree`` it measures the code it is run with.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,8 +58,8 @@ def sink() -> tuple[socket.socket, int]:
     return srv, srv.getsockname()[1]
 
 
-def first_call_s(args: list[str], port: int, timeout_s: float) -> float | None:
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIDSTART",
+def first_call_s(args: list[str], port: int, timeout_s: float, tree: str | None) -> float | None:
+    env = {**os.environ, **({"PYTHONPATH": tree} if tree else {}), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIDSTART",
            "AWS_SECRET_ACCESS_KEY": "x", "RUNNER_POOL_GITHUB_TOKEN": "x", "AWS_MAX_ATTEMPTS": "1"}
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], stdout=subprocess.DEVNULL,
@@ -79,9 +79,10 @@ def first_call_s(args: list[str], port: int, timeout_s: float) -> float | None:
     return found
 
 
-def help_s() -> float:
+def help_s(tree: str | None) -> float:
+    env = {**os.environ, **({"PYTHONPATH": tree} if tree else {})}
     t0 = time.time()
-    subprocess.run([sys.executable, "-c", WRAPPER, "--help"], capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", WRAPPER, "--help"], capture_output=True, check=True, env=env)
     return time.time() - t0
 
 
@@ -90,21 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--out", default="command_start")
+    ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a checkout to measure (repeatable)")
     args = ap.parse_args(argv)
+    trees: list[tuple[str, str | None]] = [(t.split("=", 1)[0], t.split("=", 1)[1]) for t in args.tree] or [
+        ("this", None)]
     srv, port = sink()
-    result: dict[str, Any] = {}
+    samples: dict[str, dict[str, list[float]]] = {n: {c: [] for c in [*COMMANDS, "--help"]} for n, _ in trees}
+    load = [os.getloadavg()[0]]
     try:
-        for name, cmd in COMMANDS.items():
-            samples = [s for s in (first_call_s(cmd, port, args.timeout) for _ in range(args.repeats)) if s is not None]
-            result[name] = h.summary(samples)
-            print(f"  {name}: first AWS call {result[name]['median']:.3f} s (median of {len(samples)})",
-                  file=sys.stderr)
-        result["--help"] = h.summary([help_s() for _ in range(args.repeats)])
+        for i in range(args.repeats):
+            for name, cmd in COMMANDS.items():
+                for tree, path in trees:
+                    got = first_call_s(cmd, port, args.timeout, path)
+                    if got is not None:
+                        samples[tree][name].append(got)
+            for tree, path in trees:
+                samples[tree]["--help"].append(help_s(path))
+            load.append(os.getloadavg()[0])
+            print(f"  round {i + 1}/{args.repeats}: " + ", ".join(
+                f"{t} provision {samples[t]['provision'][-1]:.3f} s" for t, _ in trees if samples[t]["provision"]),
+                file=sys.stderr)
     finally:
         srv.close()
-    path = h.write_result(args.out, {"repeats": args.repeats, "load": os.getloadavg(), "result": result})
-    rows = [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['p95']:.3f}"] for k, v in result.items()]
-    print(h.table(["command", "to first AWS call (--help: to exit), median s", "min s", "p95 s"], rows))
+    result = {t: {c: h.summary(v) for c, v in per.items()} for t, per in samples.items()}
+    path = h.write_result(args.out, {"repeats": args.repeats, "trees": dict(trees), "load_1min": load,
+                                     "result": result})
+    rows = [[t, c, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['p95']:.3f}"]
+            for t, per in result.items() for c, v in per.items()]
+    print(h.table(["tree", "command", "to first AWS call (--help: to exit), median s", "min s", "p95 s"], rows))
     print(f"\nresults: {path.relative_to(h.ROOT)}")
     return 0
 
