@@ -134,8 +134,11 @@ def destroy_pool(cfg: PoolConfig, github: GitHubClient | None = None, progress: 
     res.launch_template_deleted = launch_template.delete(cfg)
     token.delete_tokens(cfg)
     if github is not None:
+        mine = set(ids)
         for runner in github.list_runners():
-            if cfg.pool_label in runner.labels and github.delete_runner(runner.id):
+            # A pooled runner waits with no label at all: it is this pool's when named after its instance.
+            pooled = not runner.labels and runner.name.rsplit("-", 1)[0] in mine
+            if (cfg.pool_label in runner.labels or pooled) and github.delete_runner(runner.id):
                 res.runners_deleted += 1
     res.table_deleted = store.delete_table(cfg)
     event("pool.destroy", pool=cfg.name, terminated=res.terminated, queues=res.queues_deleted,

@@ -342,16 +342,33 @@ def cmd_local_status(args: argparse.Namespace) -> int:
     return 0 if state else 1
 
 
+def _prewarm_github() -> None:
+    """Import githubkit in a thread while the command waits on AWS (it takes about a quarter of a
+    second, and a provision or release needs it only after its first AWS calls)."""
+    import threading
+
+    def load() -> None:
+        try:
+            import githubkit
+            import githubkit.exception  # noqa: F401
+        except ImportError:
+            pass                        # the command's own import reports it
+
+    threading.Thread(target=load, name="prewarm-githubkit", daemon=True).start()
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
-    from controlplane.provision import ProvisionRequest, provision
 
     run_id = _check_run_id(args.run_id)
     inputs.check_count(args.count, "--count")
+    p = _pool(args)                     # the first AWS call (a read), before the provision's own imports
+    _prewarm_github()
     from controlplane.costtags import parse_cli
 
-    tags = parse_cli(args.tag or [])
-    p = _pool(args)
+    tags = parse_cli(args.tag or [])    # bad tags: exit 2 before any change
+    from controlplane.provision import ProvisionRequest, provision
+
     req = ProvisionRequest(run_id=run_id, resource_class=args.resource_class, count=args.count,
                            usage_class=args.usage_class, tags=tags)
     result = provision(p, req, progress=Progress(not args.json))
@@ -361,10 +378,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
-    from controlplane.release import release
 
     run_id = _check_run_id(args.run_id)
-    res = release(_pool(args), run_id, progress=Progress(not args.json))
+    p = _pool(args)
+    _prewarm_github()
+    from controlplane.release import release
+
+    res = release(p, run_id, progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
     return 0 if res.ok else 1
 
@@ -386,9 +406,10 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
+
+    p = _pool(args)                     # the first AWS call, before the command's own imports
     from controlplane.reconcile import reconcile
 
-    p = _pool(args)
     res = reconcile(p, dry_run=args.dry_run, github=_github_if_set(p.config),
                     progress=Progress(not args.json))
     _emit(args, res.to_dict(), lambda: print(res.summary()))
@@ -396,9 +417,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    p = _pool(args)                     # the first AWS call, before the command's own imports
     from controlplane.status import pool_status
 
-    st = pool_status(_pool(args))
+    st = pool_status(p)
     _emit(args, st.to_dict(), lambda: print(st.render()))
     return 0
 

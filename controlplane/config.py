@@ -35,13 +35,14 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from controlplane.errors import ConfigError, ConfigErrors
+from controlplane.patterns import CLASS_RE as CLASS_RE
+from controlplane.patterns import NAME_RE as NAME_RE
+from controlplane.patterns import REGION_RE as REGION_RE
+from controlplane.patterns import RUN_ID_RE as RUN_ID_RE
+from controlplane.patterns import USAGE_CLASSES as USAGE_CLASSES
 
 UsageClass = Literal["spot", "on-demand"]
-USAGE_CLASSES: tuple[str, ...] = ("spot", "on-demand")
 
-NAME_RE = r"^[a-z][a-z0-9-]{0,29}$"
-CLASS_RE = r"^[a-z0-9][a-z0-9-]{0,29}$"
-REGION_RE = r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$"
 INSTANCE_TYPE_PATTERN_RE = re.compile(r"^[a-z0-9*.-]+$")
 USER_DATA_LIMIT_BYTES = 16 * 1024
 AMI_RE = r"^ami-[0-9a-f]{8,17}$"
@@ -49,8 +50,6 @@ Architecture = Literal["x86_64", "arm64"]
 # Graviton families have a 'g' right after the generation digit (c7g, m7gd, t4g, im4gn) or are a1.
 GRAVITON_FAMILY_RE = re.compile(r"(^a1$)|([0-9*]g)")
 ARM64_INSTANCE_TYPES = ["c*g*.*", "m*g*.*", "r*g*.*"]
-# A run id is also the runner label jobs target with `runs-on:`.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class _Model(BaseModel):
@@ -314,6 +313,10 @@ class PoolConfig(_Model):
     ephemeral: bool = Field(default=False,
                             description="every runner takes one job from a just-in-time config and its instance "
                                         "is never reused (for untrusted code: public repositories, forks)")
+    fresh_registration: bool = Field(
+        default=False,
+        description="every run registers its runners anew (config.sh with a new token, as before relabelling); "
+                    "false: a warm hit keeps the pooled runner registered and only changes its labels")
     idle_time_s: int = Field(default=420, ge=30, le=7 * 86400, description="how long an idle runner waits in the pool")
     max_runtime_s: int = Field(default=1800, ge=60, le=7 * 86400, description="how long a run may hold its runners")
     max_reuse: int = Field(default=20, ge=0, le=10_000, description="runs an instance serves before it is terminated")

@@ -3,9 +3,14 @@
 Operations on one scope, a repository (``owner/repo``) or an organization
 (``org``): create a registration token, create a just-in-time runner config
 (ephemeral mode), list the scope's runners (every page, 100 per page), get and
-delete a runner by id. The
+delete a runner by id, and set a runner's custom labels (a warm hit relabels a
+listening runner instead of registering a new one; GitHub has no batch
+endpoint, so :meth:`GitHubClient.set_labels_many` and
+:meth:`GitHubClient.get_runners` run one call per runner in parallel). The
 scope picks the ``/repos/{owner}/{repo}/...`` or ``/orgs/{org}/...`` endpoints;
 nothing else in the control plane builds GitHub URLs or imports githubkit.
+githubkit is imported where a call is made, not with this module: it takes
+about a quarter of a second, and a command reaches AWS before it needs GitHub.
 
 Why a githubkit client per call: Pulumi pickles dynamic providers and an HTTP
 client holds sockets and an ``SSLContext``, so :class:`GitHubClient` keeps only
@@ -43,20 +48,22 @@ permission, which is not retried and names the permission to grant.
 """
 from __future__ import annotations
 
+import contextvars
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Protocol
-
-from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
-from githubkit.exception import GitHubException, RateLimitExceeded, RequestError, RequestFailed
-from githubkit.typing import RetryOption
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from controlplane.errors import ConfigError, RunnerPoolError
 
 if TYPE_CHECKING:
+    from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
+    from githubkit.exception import GitHubException
+    from githubkit.typing import RetryOption
+
     from controlplane.config import GitHubConfig
 
 TOKEN_ENV_VARS = ("RUNNER_POOL_GITHUB_TOKEN", "GITHUB_TOKEN")
@@ -69,8 +76,12 @@ PAT_PERMISSION = "a PAT with admin access and the `repo` scope (repository) or `
 APP_PERMISSION = ("a GitHub App installation with the repository permission `Administration: read and write` "
                   "(repository) or the organization permission `Self-hosted runners: read and write` (organization)")
 PER_PAGE = 100                      # GitHub's maximum for the runners listing
+MAX_PARALLEL = 16                   # concurrent calls of one batch (GitHub has no batch endpoint for labels)
 MAX_PAGES = 100                     # 10,000 runners: a bound on the loop, far above any real scope
 REQUEST_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,9 @@ class RetryPolicy:
         return float(min(self.max_delay_s, self.base_delay_s * 2**retry_count))
 
     def __call__(self, exc: GitHubException, retry_count: int) -> RetryOption:
+        from githubkit.exception import RateLimitExceeded, RequestError, RequestFailed
+        from githubkit.typing import RetryOption
+
         if retry_count >= self.max_retries:
             return RetryOption(False)
         if not isinstance(exc, RequestFailed) and isinstance(exc.__cause__, RequestFailed):
@@ -140,6 +154,8 @@ DEFAULT_RETRY = RetryPolicy()
 
 def is_secondary_rate_limit(exc: BaseException) -> bool:
     """A 403/429 that is a rate limit, not a refusal (by githubkit's headers or GitHub's message)."""
+    from githubkit.exception import RateLimitExceeded, RequestFailed
+
     if isinstance(exc, RateLimitExceeded):
         return True
     if not isinstance(exc, RequestFailed) or exc.response.status_code not in (403, 429):
@@ -252,14 +268,20 @@ class GitHubClient:
 
     def get_runner(self, runner_id: int) -> GitHubRunner | None:
         """One runner by id; ``None`` when GitHub does not have it (404)."""
+        with self._github() as gh:
+            return self._get_runner(gh, runner_id)
+
+    def _get_runner(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy],
+                    runner_id: int) -> GitHubRunner | None:
+        from githubkit.exception import RequestFailed
+
         with self._mapped_errors(f"get runner {runner_id}"):
             try:
-                with self._github() as gh:
-                    if self.is_org:
-                        api = gh.rest.actions.get_self_hosted_runner_for_org(self.scope, runner_id).parsed_data
-                    else:
-                        owner, repo = self.scope.split("/")
-                        api = gh.rest.actions.get_self_hosted_runner_for_repo(owner, repo, runner_id).parsed_data
+                if self.is_org:
+                    api = gh.rest.actions.get_self_hosted_runner_for_org(self.scope, runner_id).parsed_data
+                else:
+                    owner, repo = self.scope.split("/")
+                    api = gh.rest.actions.get_self_hosted_runner_for_repo(owner, repo, runner_id).parsed_data
             except RequestFailed as exc:
                 if exc.response.status_code == 404:
                     return None
@@ -320,6 +342,8 @@ class GitHubClient:
 
     def delete_runner(self, runner_id: int) -> bool:
         """Delete a runner; ``False`` when GitHub no longer has it (404), which is success."""
+        from githubkit.exception import RequestFailed
+
         with self._mapped_errors(f"delete runner {runner_id}"):
             try:
                 with self._github() as gh:
@@ -334,8 +358,74 @@ class GitHubClient:
                 raise
         return True
 
+    def set_labels(self, runner_id: int, labels: Sequence[str]) -> tuple[str, ...]:
+        """Replace a runner's custom labels (``PUT .../runners/{id}/labels``; empty: remove them all).
+
+        Returns every label GitHub says the runner now has (read-only ones
+        too). That is what GitHub stored, not proof that dispatch uses it yet:
+        callers that need the change in effect check the runner afterwards.
+        """
+        with self._github() as gh:
+            return self._set_labels(gh, runner_id, labels)
+
+    def _set_labels(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy], runner_id: int,
+                    labels: Sequence[str]) -> tuple[str, ...]:
+        with self._mapped_errors(f"set the labels of runner {runner_id}"):
+            actions = gh.rest.actions
+            if not labels:                      # GitHub's documented way to clear: DELETE .../labels
+                if self.is_org:
+                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_org(
+                        self.scope, runner_id).parsed_data
+                else:
+                    owner, repo = self.scope.split("/")
+                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_repo(
+                        owner, repo, runner_id).parsed_data
+                return tuple(label.name for label in cleared.labels)
+            if self.is_org:
+                data = actions.set_custom_labels_for_self_hosted_runner_for_org(
+                    self.scope, runner_id, labels=list(labels)).parsed_data
+            else:
+                owner, repo = self.scope.split("/")
+                data = actions.set_custom_labels_for_self_hosted_runner_for_repo(
+                    owner, repo, runner_id, labels=list(labels)).parsed_data
+        return tuple(label.name for label in data.labels)
+
+    def set_labels_many(self, changes: Sequence[tuple[int, Sequence[str]]]
+                        ) -> dict[int, tuple[str, ...] | RunnerPoolError]:
+        """:meth:`set_labels` for each ``(runner id, labels)``, in parallel (GitHub has no batch
+        endpoint): per runner the labels GitHub stored, or the error that refused it."""
+        return self._each(lambda gh, change: self._set_labels(gh, change[0], change[1]), changes,
+                          key=lambda change: change[0])
+
+    def get_runners(self, runner_ids: Sequence[int]) -> dict[int, GitHubRunner | None | RunnerPoolError]:
+        """:meth:`get_runner` for each id, in parallel: the runner, ``None`` (gone), or the error."""
+        return self._each(self._get_runner, runner_ids, key=lambda runner_id: runner_id)
+
+    def _each(self, fn: Callable[[Any, T], R], items: Sequence[T], key: Callable[[T], int]
+              ) -> dict[int, R | RunnerPoolError]:
+        """Run ``fn(gh, item)`` over ``items`` in threads sharing one githubkit client (its HTTP
+        connection pool is thread-safe; githubkit finds the open client through a context variable,
+        so each thread runs in a copy of this context). Each call keeps its own retries; a
+        :class:`RunnerPoolError` is the result of its item, anything else propagates."""
+        def one(gh: Any, item: T) -> R | RunnerPoolError:
+            try:
+                return fn(gh, item)
+            except RunnerPoolError as exc:
+                return exc
+
+        if not items:
+            return {}
+        with self._github() as gh:
+            if len(items) == 1:
+                return {key(items[0]): one(gh, items[0])}
+            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
+                futures = [pool.submit(contextvars.copy_context().run, one, gh, item) for item in items]
+                return {key(item): f.result() for item, f in zip(items, futures, strict=True)}
+
     def _github(self) -> GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy]:
         """A fresh githubkit client: never stored (see the module docstring)."""
+        from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
+
         if self.app_id is not None:
             return GitHub(
                 AppInstallationAuthStrategy(str(self.app_id), self.app_private_key,
@@ -352,6 +442,8 @@ class GitHubClient:
     @contextmanager
     def _mapped_errors(self, doing: str) -> Iterator[None]:
         """Turn githubkit errors into runner-pool errors, once, chained to the original."""
+        from githubkit.exception import GitHubException, RateLimitExceeded, RequestError, RequestFailed
+
         try:
             yield
         except RateLimitExceeded as exc:

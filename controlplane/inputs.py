@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-from controlplane.config import REGION_RE, RUN_ID_RE, USAGE_CLASSES
 from controlplane.errors import ConfigError
+from controlplane.patterns import REGION_RE, RUN_ID_RE, USAGE_CLASSES  # not config: no pydantic at start-up
 
 MIN_COUNT = 1
 MAX_COUNT = 500                  # runners per run

@@ -13,7 +13,9 @@ over a snapshot, then an apply:
   simply does not list its instance: EC2 is eventually consistent, and right
   after CreateFleet an instance may not be listed yet. One listed as
   ``shutting-down``/``terminated`` is gone whatever its age;
-* a **GitHub runner** of this pool whose instance is not live is removed;
+* a **GitHub runner** of this pool whose instance is not live is removed: one
+  carrying the pool label, or one with no label at all (a pooled runner
+  between runs) named after an instance of this pool's table or EC2 tags;
 * a **ceiling counter** that drifted from the live rows (a process died
   between a reservation and its rows, or a mark and its decrement) is set to
   their count, if nobody touched it from ``ceilings.SETTLE_S`` before the
@@ -127,9 +129,13 @@ def plan(snap: Snapshot) -> list[Action]:
         doomed = {a.target for a in actions if a.kind == "terminate_instance"}
         live_ids = {iid for iid in live_ec2 if iid not in doomed}
         for runner in snap.runners:
-            if snap.pool_label and snap.pool_label not in runner.labels:
-                continue
             m = _RUNNER_INSTANCE.match(runner.name)
+            if snap.pool_label and snap.pool_label not in runner.labels and not (
+                    not runner.labels and m is not None and (m.group(1) in rows or m.group(1) in listed)):
+                # Not ours, unless it is a runner with no label at all (a pooled runner waits without one)
+                # named after an instance this pool knows: a row (kept a day after termination) or a
+                # tagged instance. A label-less runner of another pool in the same scope is left alone.
+                continue
             if m is None or m.group(1) not in live_ids:
                 actions.append(Action("delete_runner", str(runner.id),
                                       f"runner {runner.name} ({runner.status}) has no live instance"))

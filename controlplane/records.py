@@ -271,6 +271,11 @@ class AgentRecord:
         age = self.heartbeat_age(now)
         return age is not None and age <= stale_s
 
+    @property
+    def holds_runner(self) -> bool:
+        """The agent reports a registered runner (with relabelling it stays registered across runs)."""
+        return self.signal == Signal.REGISTERED and self.runner_id is not None and bool(self.runner_name)
+
     def registered_for(self, run_id: str) -> bool:
         return self.signal == Signal.REGISTERED and self.signal_run == run_id
 

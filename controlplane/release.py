@@ -1,6 +1,11 @@
 """Release: give a run's runners back to the pool.
 
-For every instance of the run: clear the run from its row (``-> draining``),
+A listening runner (the default, relabelling) stays registered: its run's
+labels are removed through GitHub's API after a check that it is not busy,
+and its row goes straight back to ``idle`` and into the queue
+(``provision/relabel.py``); its agent does nothing. Every other instance of
+the run (``fresh_registration``, a busy runner, one GitHub cannot relabel,
+one being retired) takes the draining path: clear the run from its row (``-> draining``),
 wait until its agent signals that it stopped the runner and wiped its
 credentials, delete the runner on GitHub (REST API, by the id the agent
 reported), then put it back to ``idle`` with a fresh idle threshold and
@@ -27,6 +32,7 @@ from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.drain import return_to_pool
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
+from controlplane.provision import relabel
 from controlplane.records import InstanceRecord, Member, State
 from controlplane.store import Pool
 from controlplane.termination import Doomed
@@ -108,11 +114,20 @@ def _release(pool: Pool, run_id: str, res: ReleaseResult, progress: Progress, cl
         return None
 
     progress.phase(f"run {run_id}: releasing {len(active)} runner(s), terminating {len(created)} unvalidated")
+    # Before any of them is requeued (a relabelled runner is requeued by unlabel): once in the queue, the
+    # next run may claim and tag it.
+    costtags.untag(cfg, run_id, [r.instance_id for r in active])
+    relabelled: list[str] = []
+    listening = [member_of(r) for r in active if r.state is State.RUNNING and not cfg.fresh_registration
+                 and not why_retire(member_of(r))]
+    if listening:
+        agents = {i: a for i, (_, a) in store.read_set(pool, [m.instance_id for m in listening]).items()}
+        back, _ = relabel.unlabel(pool, gh, run_id, listening, agents, State.RUNNING, clock)
+        relabelled = [m.instance_id for m in back]
+        active = [r for r in active if r.instance_id not in set(relabelled)]
     unvalidated = [Doomed(r.instance_id, State.CREATED, run_id) for r in created]
     cleanup = termination.retire(pool, unvalidated, clock, gh)
-    # Before any of them is requeued: once in the queue, the next run may claim and tag it.
-    costtags.untag(cfg, run_id, [r.instance_id for r in active])
     cleanup.merge(return_to_pool(pool, run_id, [member_of(r) for r in active], None, progress, clock,
                                  retire=why_retire, github=gh))
-    res.returned_to_pool, res.terminated, res.failed = (cleanup.returned_to_pool, cleanup.terminated,
-                                                        cleanup.failed)
+    res.returned_to_pool, res.terminated, res.failed = (relabelled + cleanup.returned_to_pool,
+                                                        cleanup.terminated, cleanup.failed)

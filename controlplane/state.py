@@ -38,6 +38,8 @@ TRANSITIONS: dict[tuple[State, State], str] = {
     (State.DRAINING, State.IDLE): "the agent confirmed deregistration: back in the pool",
     (State.IDLE, State.STOPPED): "idle past its threshold in a class with a stopped tier: refresh stops it",
     (State.STOPPED, State.CLAIMED): "a provision claims a stopped runner (one winner), then starts it",
+    (State.RUNNING, State.IDLE): "release of a listening runner: its run labels removed, still registered",
+    (State.CLAIMED, State.IDLE): "rollback of a relabelled runner: its run labels removed, still registered",
     (State.CREATED, State.TERMINATED): "created but not accepted (validation failed, or past its deadline)",
     (State.IDLE, State.TERMINATED): "idle past its threshold, reuse cap or lifetime reached, or class removed",
     (State.CLAIMED, State.TERMINATED): "claimed but unhealthy, or past its deadline (provisioner died)",

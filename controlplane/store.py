@@ -24,11 +24,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane import aws
 from controlplane.clock import Deadline, wait_until
-from controlplane.config import PoolConfig, parse_config
 from controlplane.errors import ConditionFailed, ConfigError
 from controlplane.logs import event
 from controlplane.records import (
@@ -46,6 +45,9 @@ from controlplane.records import (
     instance_id_of,
     num,
 )
+
+if TYPE_CHECKING:
+    from controlplane.config import PoolConfig
 
 TABLE_READY_TIMEOUT_S = 120
 BATCH_GET_KEYS = 100
@@ -200,6 +202,9 @@ def load_pool(name: str, region: str) -> Pool:
         raise ConfigError(f"pool {name!r} has a table but no stored config",
                           hint="run `runner-pool pool apply --config pool.yaml`")
     body = json.loads(item["body"]["S"])
+    # pydantic only now, after the first AWS call (fast command start)
+    from controlplane.config import parse_config
+
     cfg = parse_config(body["config"], f"stored config of pool {name}")
     return Pool(cfg, body["account"], body["partition"])
 

@@ -40,6 +40,8 @@ from controlplane.config import PoolConfig
 AGENT_DIR = Path(__file__).parent / "agent"
 NO_ROW_TIMEOUT_S = 600               # an instance whose row never appears powers off after this
 REGISTRATION_ATTEMPTS = 3
+FRESH_REGISTRATION_POLL_S = 1          # RP_RUN_POLL_S when every run registers anew
+RELABEL_POLL_S = 5                     # ... when warm hits relabel (see registered_poll_s)
 BASE64_LINE = 1024                   # line length of the embedded base64 (base64 -d takes any)
 _PLACEHOLDER = re.compile(r"@@([A-Z0-9_]+)@@")
 
@@ -115,6 +117,20 @@ def strip_comments(script: str) -> str:
     return "\n".join([lines[0]] + [ln.lstrip() for ln in lines[1:] if not ln.lstrip().startswith("#")]) + "\n"
 
 
+def registered_poll_s(cfg: PoolConfig) -> float:
+    """How often an agent holding a registered runner reads its state row (``RP_RUN_POLL_S``).
+
+    With re-registration every release and claim waits for the agent, so it
+    polls every second. With relabelling neither does: the control plane
+    changes the runner's labels itself, and the row matters to the agent only
+    for what it must act on (a release that drains a busy runner, a fallback
+    registration, termination, a passed threshold), which every few seconds
+    serves. An agent holding no runner keeps polling fast (``RP_IDLE_POLL_S``):
+    it waits for a registration credential.
+    """
+    return FRESH_REGISTRATION_POLL_S if cfg.fresh_registration else RELABEL_POLL_S
+
+
 def render_user_data(cfg: PoolConfig) -> str:
     """The bootstrap script for ``cfg``'s instances (plain text, not base64)."""
     values = {
@@ -130,6 +146,7 @@ def render_user_data(cfg: PoolConfig) -> str:
         "MAX_LIFETIME_S": str(cfg.max_lifetime_s),
         "NO_ROW_TIMEOUT_S": str(NO_ROW_TIMEOUT_S),
         "REGISTRATION_ATTEMPTS": str(REGISTRATION_ATTEMPTS),
+        "RUN_POLL_S": str(registered_poll_s(cfg)),
         "RUNNER_VERSION": _dq(cfg.github.runner_version),
         "RUNNER_SUDO": "true" if cfg.runner_sudo else "false",
         "SHA256_X64": cfg.github.runner_sha256_x64 or "",

@@ -8,18 +8,28 @@ always UpdateItem, never PutItem, only the attributes of
 exactly that, and grants no SSM at all. The control plane moves the state row
 and the agent follows it:
 
-* the row names a run (state created/claimed/running) -> register a runner
-  named ``<instance-id>-<n>``, labelled ``<run>,<pool label>``, start
-  ``run.sh`` and signal ``registered`` with the runner's GitHub id. What it
-  registers with is in the row itself, put there by the control plane for
-  this one registration: ``registration_token`` (``config.sh``) or
+* the row names a run (state created/claimed/running) **and holds a
+  registration credential** -> register a runner named ``<instance-id>-<n>``,
+  labelled ``<run>,<pool label>`` (``--no-default-labels``: no label of its
+  own), start ``run.sh`` and signal ``registered`` with the runner's GitHub
+  id, which stays in the agent row for as long as the runner is registered.
+  What it registers with is in the row itself, put there by the control
+  plane for this one registration: ``registration_token`` (``config.sh``) or
   ``jit_config`` (ephemeral: ``run.sh`` alone). The commit or rollback
   removes it from the row; the agent keeps it only in memory while
   ``config.sh`` runs and hands it over in the environment
-  (``ACTIONS_RUNNER_INPUT_TOKEN`` / ``..._JITCONFIG``), never argv or a file;
-* the row no longer names that run (release, rollback, another run) -> stop
-  ``run.sh``, wipe the runner's local credential files and signal
-  ``deregistered``. The control plane removes the runner from GitHub through
+  (``ACTIONS_RUNNER_INPUT_TOKEN`` / ``..._JITCONFIG``), never argv or a file.
+  A credential for another run while a runner is registered means the control
+  plane chose a fresh registration (a relabel fallback): the old runner is
+  stopped and wiped first;
+* the row names a run without a credential, or the instance is back ``idle``
+  -> nothing: the control plane relabels the listening runner itself (a warm
+  hit changes labels through GitHub's API, release removes them), so the
+  runner stays registered and ``run.sh`` keeps listening across runs;
+* the row is ``draining`` (release of a busy runner, re-registration pools,
+  rollback of a fresh registration) or gone -> stop ``run.sh``, wipe the
+  runner's local credential files and signal ``deregistered`` for the run
+  that was cleared. The control plane removes the runner from GitHub through
   the REST API (the instance holds no removal token); only after that may it
   register again;
 * the row is ``terminated``, its threshold passed 60 s ago, it never appeared,
@@ -83,13 +93,14 @@ NUMBERS = {
     "RP_LISTEN_TIMEOUT_S": 60,           # wait for run.sh to print "Listening for Jobs"
     "RP_STOP_TIMEOUT_S": 30,             # run.sh: SIGTERM, then SIGKILL after this
     "RP_PRERUNNER_TIMEOUT_S": 900,
-    "RP_IDLE_POLL_S": 0.5,               # state-row poll while holding no registration
-    "RP_RUN_POLL_S": 1,                  # ... and while registered
+    "RP_IDLE_POLL_S": 0.5,               # state-row poll while holding no registration (waiting for one)
+    "RP_RUN_POLL_S": 1,                  # ... and while registered (user data: 1 s, or 5 s when relabelling)
     "RP_THRESHOLD_GRACE_S": 60, "RP_IMDS_TIMEOUT_S": 120,
 }
 AWS_ERRORS = (ClientError, BotoCoreError, ValueError, KeyError, TypeError)
 # IMDS paths EC2 fills when it will reclaim a spot instance (two minutes' notice) or recommends replacing it.
 SPOT_NOTICES = ("/latest/meta-data/spot/instance-action", "/latest/meta-data/events/recommendations/rebalance")
+PROC_CHECK_S = 0.5                      # between row polls, how often a dead run.sh is looked for (no I/O)
 
 
 class AgentError(Exception):
@@ -401,9 +412,11 @@ class Agent:
     def signal(self, sig: str, run: str | None = None, detail: str = "", quick: bool = False) -> None:
         """Write ``signal``; with it ``signal_run``/``runner_name``/``detail``, or remove them."""
         now = time.time()
+        # The runner's name and GitHub id stay in the row while it is registered (the control plane
+        # relabels and removes it by that id), whatever the signal.
         fields = {"signal": sig, "signal_at": now, "instance_id": self.instance_id,
-                  "expires_at": now + ROW_TTL_S, "signal_run": run, "runner_name": self.name if run else None,
-                  "runner_id": self.runner_id if run else None, "detail": self.log.scrub(detail)[:1000]}
+                  "expires_at": now + ROW_TTL_S, "signal_run": run, "runner_name": self.name,
+                  "runner_id": self.runner_id, "detail": self.log.scrub(detail)[:1000]}
         sets = {k: v for k, v in fields.items() if v}
         self.log("signal", detail, signal=sig, signal_run=run, runner_name=sets.get("runner_name"),
                  runner_id=sets.get("runner_id"))
@@ -454,7 +467,22 @@ class Agent:
             reason = self.step()
             if reason:
                 return self.shutdown(*reason) if isinstance(reason, tuple) else self.shutdown(reason)
-            self.wake.wait(self.cfg.run_poll_s if self.run_id else self.cfg.idle_poll_s)
+            self.pause()
+
+    def pause(self) -> None:
+        """Wait until the next read of the row; a stop request or a run.sh that exits cuts it short.
+
+        Registered, the row is read every RP_RUN_POLL_S (with relabelling
+        nothing the control plane does to a listening runner needs the agent);
+        unregistered, every RP_IDLE_POLL_S, since it waits for a credential.
+        """
+        until = time.monotonic() + (self.cfg.run_poll_s if self.run_id else self.cfg.idle_poll_s)
+        while True:
+            left = until - time.monotonic()
+            if left <= 0 or self.wake.wait(min(left, PROC_CHECK_S)):
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                return
 
     def prerunner(self) -> str:
         """Run the pre-runner script; '' on success or when there is none, else why it failed."""
@@ -491,7 +519,7 @@ class Agent:
         except AWS_ERRORS as exc:
             self.log("state_read_failed", exc)
             return None
-        desired = None
+        desired, credential, state, last = None, False, None, None
         if row is None:
             missing = time.monotonic() - self.row_seen
             if missing > self.cfg.no_row_timeout_s:
@@ -509,19 +537,23 @@ class Agent:
                 return None                             # no more jobs; EC2 or the control plane ends us
             if state in RUN_STATES and row.get("run_id"):
                 desired = row["run_id"]
+                credential = bool(row.get(TOKEN_ATTR) or row.get(JIT_ATTR))
             last = row.get("last_run_id")
             if state == "draining" and not self.run_id and last and last != self.acked:
                 # The run was cleared before this agent registered for it (a rollback racing the claim,
                 # or an abandoned registration): nothing to remove, but release waits for this word.
                 self.acked = last
                 self.signal("deregistered", last, "never registered for this run")
-        if self.run_id and desired != self.run_id:
-            self.deregister()
+        if self.run_id and (row is None or state == "draining"):
+            self.deregister(str(last or self.run_id))       # release or rollback clears the run: stop, wipe
+        elif self.run_id and desired and credential and desired != self.run_id:
+            self.log("fresh_registration", f"a credential for run {desired}: replacing runner {self.name}")
+            self.deregister(announce=False)                 # the control plane deletes the old runner
         elif self.run_id and self.proc is not None and self.proc.poll() is not None:
             failed = self.runner_died(self.proc.returncode)
             if failed:
                 return failed, False
-        if not self.run_id and desired:
+        if not self.run_id and desired and credential:
             self.count += 1
             self.redos = 0
             failed = self.register(desired, row or {})
@@ -640,8 +672,11 @@ class Agent:
         * any other exit with the local registration intact (a crash): start
           run.sh again, without registering;
         * the runner was deleted on GitHub (exit 2): register again if the row
-          still holds a credential for this run (before commit), else there is
-          nothing to register with: shut down, release will find it dead.
+          holds a credential for a run (this run before commit, or the run a
+          relabel fallback hands over), else, while a run holds the instance,
+          there is nothing to register with: shut down, release will find it
+          dead; an instance back in the pool waits without a runner (the next
+          claim hands it a credential).
         """
         run_id = str(self.run_id)
         why = "runner deleted on GitHub" if rc == RUNNER_DELETED else f"run.sh exited {rc}"
@@ -668,12 +703,17 @@ class Agent:
         except AWS_ERRORS as exc:
             row = {}
             self.log("state_read_failed", exc)
-        if row.get("run_id") != run_id or not (row.get(TOKEN_ATTR) or row.get(JIT_ATTR)):
-            self.signal("registration_failed", run_id, f"{why}: no credential to register again")
-            return f"runner for run {run_id} gone, cannot register again"
-        self.run_id = self.runner_id = None
-        self.count += 1
-        return self.register(run_id, row)
+        desired = row.get("run_id") if row.get("state") in RUN_STATES else None
+        if desired and (row.get(TOKEN_ATTR) or row.get(JIT_ATTR)):
+            self.run_id = self.runner_id = None
+            self.count += 1
+            return self.register(str(desired), row)
+        if desired:
+            self.signal("registration_failed", str(desired), f"{why}: no credential to register again")
+            return f"runner for run {desired} gone, cannot register again"
+        self.run_id = self.runner_id = self.name = self.log.run_id = None
+        self.signal("waiting", detail=f"{why}: back in the pool without a runner")
+        return ""
 
     # -- deregistration ---------------------------------------------------------------
 
@@ -705,17 +745,19 @@ class Agent:
             except OSError:
                 pass
 
-    def deregister(self, announce: bool = True) -> None:
-        """Stop run.sh and wipe its credentials, then signal ``deregistered`` with the runner's id,
-        which the control plane deletes on GitHub."""
+    def deregister(self, run: str | None = None, announce: bool = True) -> None:
+        """Stop run.sh and wipe its credentials, then signal ``deregistered`` for ``run`` (the run the
+        row cleared; default: the one it registered for) with the runner's id, which the control
+        plane deletes on GitHub."""
         started = time.monotonic()
         self.stop_runner()
         self.kill_leftovers()
         self.clean_local()
         note = f"stopped and wiped in {time.monotonic() - started:.1f} s"
-        self.acked = self.run_id
+        run = run or self.run_id
+        self.acked = run
         if announce:
-            self.signal("deregistered", self.run_id, note)
+            self.signal("deregistered", run, note)
         else:
             self.log("deregistered", note)
         self.run_id = self.name = self.log.run_id = self.runner_id = None

@@ -22,9 +22,24 @@ runners:
   expired, or issued for another repository or org), and a runner is
   ``online`` while it has pinged within ``offline_after_s``.
 
+* the **label API** of a runner (``GET|POST|PUT|DELETE
+  .../actions/runners/{runner_id}/labels`` and ``DELETE .../labels/{name}``),
+  with an optional delay (``label_delay_s``) before a change takes effect:
+  until then the runner is listed, and matched to jobs, with its old labels,
+  while the write itself answers with the labels it stored (as GitHub does).
+  That lets a test prove a caller waits for a change instead of assuming it.
+* **jobs**: ``POST /_control/jobs`` queues a job with labels; an online runner
+  that is not busy takes the oldest queued job of its scope whose labels are
+  all among the runner's *current* labels, in the answer to its next ping
+  (``busy`` while it runs; the runner reports it done on ``/_runner/job``).
+  A just-in-time runner is removed after its one job, as on GitHub.
+
 ``/_control/*`` lets tests and the instance simulator inject faults into
-registration (fail, hang, delay), expire every token, read the whole state
-with per-endpoint request counts, and reset. The same operations exist as
+registration (fail, hang, delay) and into any request by path or by the
+runner's name (``name_contains`` also selects the label endpoints of that
+runner: a relabel can be refused), set the label delay, queue and read jobs,
+expire every token, read the whole state with per-endpoint request counts,
+and reset. The same operations exist as
 methods for in-process use, plus :meth:`GitHubStandIn.add_runner` to inject
 drift (a runner GitHub knows and no instance owns).
 
@@ -92,7 +107,8 @@ REMOVAL = "removal"
 class FaultRule:
     """One injected fault.
 
-    ``name_contains`` selects ``/_runner/register`` requests by runner name;
+    ``name_contains`` selects ``/_runner/register`` requests and a runner's
+    label endpoints (``.../runners/{id}/labels``) by the runner's name;
     ``path_contains`` selects any REST or runner request by path (e.g.
     ``/actions/runners`` to make the API return 5xx). With both, both must
     match. ``count`` is how many requests it still applies to (``None``:
@@ -122,6 +138,26 @@ class _Runner:
     credential: str                         # changes on --replace; stale pings get 404
     last_ping_monotonic: float | None
     fixed_status: str | None                # set by add_runner(): drift keeps its status
+    ephemeral: bool = False                 # just-in-time: removed after its one job
+    # A label change not in effect yet: (labels, monotonic time it takes effect); see label_delay_s.
+    pending_labels: tuple[tuple[tuple[str, str], ...], float] | None = None
+    labels_changed_at: float | None = None  # epoch when the current labels took effect (None: at registration)
+
+
+@dataclass(frozen=True)
+class _Job:
+    id: int
+    scope: str
+    name: str
+    labels: tuple[str, ...]
+    duration_s: float
+    status: str = "queued"                  # queued | in_progress | completed | abandoned
+    runner_id: int | None = None
+    runner_name: str | None = None
+    runner_labels: tuple[str, ...] = ()     # the runner's labels when it took the job
+    queued_at: float = 0.0                  # epoch seconds
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -238,9 +274,11 @@ class GitHubStandIn:
         app_id: int | None = None,
         app_public_key: str = "",
         app_installation_id: int | None = None,
+        label_delay_s: float = 0.0,
     ) -> None:
         """``scopes``: when given, only these repositories/orgs exist (others 404).
-        ``app_*``: a GitHub App whose installation may mint tokens (its PEM public key)."""
+        ``app_*``: a GitHub App whose installation may mint tokens (its PEM public key).
+        ``label_delay_s``: how long a label change takes to take effect (see the module docstring)."""
         self.host = host
         self.port = port
         self.pat = pat
@@ -250,6 +288,7 @@ class GitHubStandIn:
         self.app_id = app_id
         self.app_public_key = app_public_key
         self.app_installation_id = app_installation_id
+        self.label_delay_s = label_delay_s
         # App installation tokens outlive reset(), as on GitHub: clients cache them for their hour.
         self._installation_tokens: dict[str, float] = {}      # value -> expires_at
         self._lock = threading.Lock()
@@ -264,6 +303,8 @@ class GitHubStandIn:
         self._faults: list[FaultRule] = []
         self._fault_generation = 0          # bumped by clear/reset: releases ``hang`` faults
         self._label_ids: dict[str, int] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._next_job_id = 1
         self._requests: Counter[str] = Counter()
         self._tokens_issued = 0
         self._next_runner_id = 1
@@ -368,6 +409,33 @@ class GitHubStandIn:
                 self._tokens[value] = replace(token, expires_at=min(token.expires_at, now))
             return len(self._tokens)
 
+    def set_label_delay(self, delay_s: float) -> None:
+        """Label changes from now on take effect ``delay_s`` after they are made (0: at once)."""
+        if delay_s < 0:
+            raise ValueError("delay_s must not be negative")
+        with self._lock:
+            self.label_delay_s = float(delay_s)
+
+    def add_job(self, scope: str, labels: Sequence[str], name: str | None = None,
+                duration_s: float = 0.0) -> int:
+        """Queue a job for runners of ``scope`` carrying every one of ``labels``. Returns its id."""
+        wanted = tuple(label.strip() for label in labels if label.strip())
+        if not wanted:
+            raise ValueError("a job needs at least one label (runs-on)")
+        if duration_s < 0:
+            raise ValueError("duration_s must not be negative")
+        with self._lock:
+            job = _Job(id=self._next_job_id, scope=scope.lower(), name=name or f"job-{self._next_job_id}",
+                       labels=wanted, duration_s=float(duration_s), queued_at=time.time())
+            self._next_job_id += 1
+            self._jobs[job.id] = job
+            return job.id
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job with its status and the runner that took it."""
+        with self._lock:
+            return [asdict(j) for j in sorted(self._jobs.values(), key=lambda j: j.id)]
+
     def reset(self) -> None:
         """Wipe runners, tokens, faults and counters (held ``hang`` requests are released)."""
         with self._lock:
@@ -382,6 +450,8 @@ class GitHubStandIn:
                                                                                key=lambda r: r.id)]
             return {
                 "runners": runners,
+                "jobs": [asdict(j) for j in sorted(self._jobs.values(), key=lambda j: j.id)],
+                "label_delay_s": self.label_delay_s,
                 "tokens_issued": self._tokens_issued,
                 "requests": dict(self._requests),
                 "faults": [asdict(f) for f in self._faults],
@@ -464,6 +534,9 @@ class GitHubStandIn:
             raw_name = request.body.get("name")
             name = raw_name if isinstance(raw_name, str) else None
         with self._lock:
+            if "runner_id" in request.params and "/labels" in request.path:      # a runner's label endpoints
+                runner = self._runners.get(int(request.params["runner_id"]))
+                name = runner.name if runner is not None else None
             index = next((i for i, f in enumerate(self._faults) if f.matches(request.path, name)), None)
             if index is None:
                 return None
@@ -502,22 +575,49 @@ class GitHubStandIn:
     def _label_id(self, name: str) -> int:
         return self._label_ids.setdefault(name.lower(), len(self._label_ids) + 1)
 
+    def _settle(self, runner: _Runner) -> _Runner:
+        """The runner with a pending label change applied once its time has come (stored back)."""
+        if runner.pending_labels is not None:
+            labels, due = runner.pending_labels
+            now = time.monotonic()
+            if now >= due:
+                runner = replace(runner, labels=labels, pending_labels=None,
+                                 labels_changed_at=time.time() - (now - due))
+                self._runners[runner.id] = runner
+        return runner
+
+    def _labels_json(self, labels: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [{"id": self._label_id(n), "name": n, "type": t} for n, t in labels]
+
+    def _busy_job(self, runner_id: int) -> _Job | None:
+        return next((j for j in self._jobs.values() if j.runner_id == runner_id and j.status == "in_progress"), None)
+
     def _runner_json(self, runner: _Runner, with_scope: bool = False) -> dict[str, Any]:
+        runner = self._settle(runner)
         out: dict[str, Any] = {
             "id": runner.id,
             "name": runner.name,
             "os": "linux",
             "status": self._status(runner),
-            "busy": False,
-            "labels": [{"id": self._label_id(n), "name": n, "type": t} for n, t in runner.labels],
+            "busy": self._busy_job(runner.id) is not None,
+            "labels": self._labels_json(runner.labels),
         }
         if with_scope:
             out["scope"] = runner.scope
+            out["labels_changed_at"] = runner.labels_changed_at
+            out["pending_labels"] = (None if runner.pending_labels is None
+                                     else [n for n, _ in runner.pending_labels[0]])
         return out
 
     def _runner_in(self, scope: str, runner_id: int) -> _Runner | None:
         runner = self._runners.get(runner_id)
-        return runner if runner is not None and runner.scope == scope else None
+        return self._settle(runner) if runner is not None and runner.scope == scope else None
+
+    def _forget_runner(self, runner_id: int) -> None:
+        """The runner is gone (deleted or replaced): a job it was running is abandoned."""
+        job = self._busy_job(runner_id)
+        if job is not None:
+            self._jobs[job.id] = replace(job, status="abandoned", finished_at=time.time())
 
     def _check_token(self, value: object, kind: str, scope: str) -> None:
         token = self._tokens.get(value) if isinstance(value, str) else None
@@ -590,7 +690,7 @@ class GitHubStandIn:
                 raise _Fail(409, f"Already exists - A runner with the name {name} already exists.")
             runner = _Runner(id=self._next_runner_id, scope=scope, name=name,
                              labels=tuple((n, "custom") for n in labels), credential=secrets.token_hex(16),
-                             last_ping_monotonic=None, fixed_status=None)
+                             last_ping_monotonic=None, fixed_status=None, ephemeral=True)
             self._next_runner_id += 1
             self._runners[runner.id] = runner
             payload = self._runner_json(runner)
@@ -603,6 +703,76 @@ class GitHubStandIn:
         encoded = base64.b64encode(json.dumps(
             {k: base64.b64encode(v).decode() for k, v in files.items()}).encode()).decode()
         return _Reply(201, {"runner": payload, "encoded_jit_config": encoded})
+
+    # Labels of one runner. GitHub keeps read-only labels (self-hosted, OS, arch: only when the runner
+    # was registered without --no-default-labels) apart from custom ones; these endpoints change the
+    # custom ones and answer with the runner's labels as stored. With ``label_delay_s`` the change is
+    # stored as pending: listings and job matching see the old labels until it takes effect.
+
+    def _label_runner(self, request: _Request) -> _Runner:
+        runner = self._runner_in(_scope_of(request.params), int(request.params["runner_id"]))
+        if runner is None:
+            raise _Fail(404, "Not Found")
+        return runner
+
+    def _store_labels(self, runner: _Runner, custom: Iterable[str]) -> _Reply:
+        read_only = [(n, t) for n, t in (runner.pending_labels[0] if runner.pending_labels else runner.labels)
+                     if t == "read-only"]
+        names = {n.lower() for n, _ in read_only}
+        labels: list[tuple[str, str]] = list(read_only)
+        for name in custom:
+            if name.lower() not in names:
+                names.add(name.lower())
+                labels.append((name, "custom"))
+        stored = tuple(labels)
+        if self.label_delay_s > 0:
+            self._runners[runner.id] = replace(runner, pending_labels=(stored, time.monotonic() + self.label_delay_s))
+        else:
+            self._runners[runner.id] = replace(runner, labels=stored, pending_labels=None,
+                                               labels_changed_at=time.time())
+        return _Reply(200, {"total_count": len(stored), "labels": self._labels_json(stored)})
+
+    def _custom_labels(self, runner: _Runner) -> list[str]:
+        current = runner.pending_labels[0] if runner.pending_labels else runner.labels
+        return [n for n, t in current if t == "custom"]
+
+    def _get_labels(self, request: _Request) -> _Reply:
+        with self._lock:
+            runner = self._label_runner(request)
+            return _Reply(200, {"total_count": len(runner.labels), "labels": self._labels_json(runner.labels)})
+
+    def _labels_body(self, request: _Request, allow_empty: bool) -> list[str]:
+        body = _body_dict(request)
+        if "labels" not in body:
+            raise _Fail(422, "labels is required")
+        labels = _labels_of(body.get("labels"))
+        if not labels and not allow_empty:
+            raise _Fail(422, "labels must not be empty")
+        return labels
+
+    def _add_labels(self, request: _Request) -> _Reply:
+        labels = self._labels_body(request, allow_empty=False)
+        with self._lock:
+            runner = self._label_runner(request)
+            return self._store_labels(runner, self._custom_labels(runner) + labels)
+
+    def _set_labels(self, request: _Request) -> _Reply:
+        labels = self._labels_body(request, allow_empty=True)
+        with self._lock:
+            return self._store_labels(self._label_runner(request), labels)
+
+    def _remove_all_labels(self, request: _Request) -> _Reply:
+        with self._lock:
+            return self._store_labels(self._label_runner(request), [])
+
+    def _remove_label(self, request: _Request) -> _Reply:
+        name = request.params["name"].lower()
+        with self._lock:
+            runner = self._label_runner(request)
+            custom = self._custom_labels(runner)
+            if name not in {n.lower() for n in custom}:
+                raise _Fail(404, f"Label does not exist: {request.params['name']}")
+            return self._store_labels(runner, [n for n in custom if n.lower() != name])
 
     def _installation_token(self, request: _Request) -> _Reply:
         """``POST /app/installations/{id}/access_tokens``: a JWT signed by the App buys a 1 h token."""
@@ -640,6 +810,7 @@ class GitHubStandIn:
             if runner is None:
                 return _Reply(404, {"message": "Not Found"})
             del self._runners[runner.id]
+            self._forget_runner(runner.id)
             return _Reply(204)
 
     # -- runner service handlers -----------------------------------------------------
@@ -659,11 +830,15 @@ class GitHubStandIn:
             if existing is not None and not body.get("replace"):
                 raise _Fail(409, f"a runner named {name} already exists in {scope}")
             if existing is not None:
+                # --replace keeps the id and starts over: new credential, labels as given now.
+                self._forget_runner(existing.id)
                 runner = replace(existing, name=name, labels=labels, credential=secrets.token_hex(16),
-                                 last_ping_monotonic=None, fixed_status=None)
+                                 last_ping_monotonic=None, fixed_status=None, pending_labels=None,
+                                 labels_changed_at=None, ephemeral=bool(body.get("ephemeral")))
             else:
                 runner = _Runner(id=self._next_runner_id, scope=scope, name=name, labels=labels,
-                                 credential=secrets.token_hex(16), last_ping_monotonic=None, fixed_status=None)
+                                 credential=secrets.token_hex(16), last_ping_monotonic=None, fixed_status=None,
+                                 ephemeral=bool(body.get("ephemeral")))
                 self._next_runner_id += 1
             self._runners[runner.id] = runner
         return _Reply(200, {"id": runner.id, "name": runner.name, "credential": runner.credential})
@@ -677,6 +852,7 @@ class GitHubStandIn:
             if self._runner_in(scope, runner_id) is None:
                 return _Reply(404, {"message": "Not Found"})
             del self._runners[runner_id]
+            self._forget_runner(runner_id)
         return _Reply(204)
 
     def _ping(self, request: _Request) -> _Reply:
@@ -689,7 +865,41 @@ class GitHubStandIn:
                 return _Reply(404, {"message": "runner not found: its registration was removed"})
             if credential is not None and credential != runner.credential:
                 return _Reply(404, {"message": "runner registration was replaced"})
-            self._runners[runner_id] = replace(runner, last_ping_monotonic=time.monotonic())
+            runner = self._settle(replace(runner, last_ping_monotonic=time.monotonic()))
+            self._runners[runner_id] = runner
+            job = self._next_job_for(runner)
+        if job is None:
+            return _Reply(204)
+        return _Reply(200, {"job": {"id": job.id, "name": job.name, "labels": list(job.labels),
+                                    "duration_s": job.duration_s}})
+
+    def _next_job_for(self, runner: _Runner) -> _Job | None:
+        """Assign the oldest queued job whose labels the runner carries now (call with the lock held)."""
+        if self._busy_job(runner.id) is not None or self._status(runner) != "online":
+            return None
+        have = {n.lower() for n, _ in runner.labels}
+        for job in sorted(self._jobs.values(), key=lambda j: j.id):
+            if job.status == "queued" and job.scope == runner.scope and all(label.lower() in have for label in job.labels):
+                taken = replace(job, status="in_progress", runner_id=runner.id, runner_name=runner.name,
+                                runner_labels=tuple(n for n, _ in runner.labels), started_at=time.time())
+                self._jobs[job.id] = taken
+                return taken
+        return None
+
+    def _job_done(self, request: _Request) -> _Reply:
+        """``POST /_runner/job {id, credential, job_id, result}``: the runner finished its job."""
+        body = _body_dict(request)
+        runner_id, job_id = _int_field(body, "id"), _int_field(body, "job_id")
+        with self._lock:
+            runner = self._runners.get(runner_id)
+            if runner is None or body.get("credential") != runner.credential:
+                return _Reply(404, {"message": "runner not found: its registration was removed"})
+            job = self._jobs.get(job_id)
+            if job is None or job.runner_id != runner_id or job.status != "in_progress":
+                raise _Fail(409, f"job {job_id} is not running on runner {runner_id}")
+            self._jobs[job_id] = replace(job, status="completed", finished_at=time.time())
+            if runner.ephemeral:                    # a just-in-time runner takes one job, then GitHub removes it
+                del self._runners[runner_id]
         return _Reply(204)
 
     # -- control handlers --------------------------------------------------------------
@@ -710,6 +920,25 @@ class GitHubStandIn:
         except (TypeError, ValueError) as exc:
             raise _Fail(400, str(exc)) from None
         return _Reply(201, asdict(rule))
+
+    def _control_label_delay(self, request: _Request) -> _Reply:
+        try:
+            self.set_label_delay(float(_body_dict(request).get("delay_s") or 0.0))
+        except (TypeError, ValueError) as exc:
+            raise _Fail(400, str(exc)) from None
+        return _Reply(200, {"label_delay_s": self.label_delay_s})
+
+    def _control_add_job(self, request: _Request) -> _Reply:
+        body = _body_dict(request)
+        try:
+            job_id = self.add_job(str(body.get("scope") or ""), _labels_of(body.get("labels")),
+                                  body.get("name"), float(body.get("duration_s") or 0.0))
+        except (TypeError, ValueError) as exc:
+            raise _Fail(400, str(exc)) from None
+        return _Reply(201, {"id": job_id})
+
+    def _control_jobs(self, _: _Request) -> _Reply:
+        return _Reply(200, {"jobs": self.jobs()})
 
     def _control_clear_faults(self, _: _Request) -> _Reply:
         self.clear_faults()
@@ -744,6 +973,11 @@ def _routes() -> tuple[_Route, ...]:
         ("GET", "/actions/runners/<int:runner_id>", S._get_runner),
         ("DELETE", "/actions/runners/<int:runner_id>", S._delete_runner),
         ("POST", "/actions/runners/generate-jitconfig", S._generate_jitconfig),
+        ("GET", "/actions/runners/<int:runner_id>/labels", S._get_labels),
+        ("POST", "/actions/runners/<int:runner_id>/labels", S._add_labels),
+        ("PUT", "/actions/runners/<int:runner_id>/labels", S._set_labels),
+        ("DELETE", "/actions/runners/<int:runner_id>/labels", S._remove_all_labels),
+        ("DELETE", "/actions/runners/<int:runner_id>/labels/<name>", S._remove_label),
     ]
     routes = [
         _Route(method, prefix + suffix, handler, "api")
@@ -755,6 +989,10 @@ def _routes() -> tuple[_Route, ...]:
         ("POST", "/_runner/register", S._register, "runner"),
         ("POST", "/_runner/remove", S._remove, "runner"),
         ("POST", "/_runner/ping", S._ping, "runner"),
+        ("POST", "/_runner/job", S._job_done, "runner"),
+        ("POST", "/_control/label-delay", S._control_label_delay, "control"),
+        ("POST", "/_control/jobs", S._control_add_job, "control"),
+        ("GET", "/_control/jobs", S._control_jobs, "control"),
         ("POST", "/_control/faults", S._control_add_fault, "control"),
         ("DELETE", "/_control/faults", S._control_clear_faults, "control"),
         ("POST", "/_control/expire-tokens", S._control_expire_tokens, "control"),
@@ -778,6 +1016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pat", default=DEFAULT_PAT, help="the token API callers must present")
     parser.add_argument("--token-ttl-s", type=float, default=DEFAULT_TOKEN_TTL_S)
     parser.add_argument("--offline-after-s", type=float, default=DEFAULT_OFFLINE_AFTER_S)
+    parser.add_argument("--label-delay-s", type=float, default=0.0,
+                        help="seconds before a label change takes effect (default 0: at once)")
     parser.add_argument("--scope", action="append", default=None,
                         help="only this repository/org exists (repeatable; default: any, on first use)")
     args = parser.parse_args(argv)
@@ -790,7 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     standin = GitHubStandIn(host=args.host, port=args.port, pat=args.pat, token_ttl_s=args.token_ttl_s,
-                            offline_after_s=args.offline_after_s, scopes=args.scope)
+                            offline_after_s=args.offline_after_s, scopes=args.scope,
+                            label_delay_s=args.label_delay_s)
     standin.start()
     try:
         print(json.dumps({"url": standin.url}), flush=True)

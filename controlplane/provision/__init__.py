@@ -2,7 +2,10 @@
 
 Phases, each its own module, each taking and returning records:
 
-1. **selection** claims idle runners from the class's pool queue;
+1. **selection** claims idle runners from the class's pool queue, and
+   **relabel** gives each claimed runner, still registered and listening, the
+   run's labels through GitHub's API (a member that cannot be relabelled falls
+   back, alone, to a fresh registration);
 2. **creation** launches the rest with one CreateFleet (two with spot fallback);
 3. **validation** waits until every member, claimed and created, is
    registered for the run and heartbeating (all or nothing);
@@ -19,9 +22,11 @@ The run label is the run id: runners register with ``--labels <run id>`` and
 jobs target ``runs-on: <label>``. A run id can hold one live fleet at a time.
 
 Credentials: the control plane alone reads the pool's registration token
-(SSM, rotated here when it is close to expiry) and hands it to exactly the
-members that must register, inside each one's own state row (the claim write
-for pool runners, the ``created`` row for new ones). In ephemeral mode each
+(SSM, rotated here when it is close to expiry), only when some member must
+register, and hands it to exactly those members inside each one's own state
+row: the ``created`` row for new ones, a relabel fallback's claimed row, and,
+with ``fresh_registration``, the claim write of every pool runner. A warm hit
+by relabelling hands its instance nothing. In ephemeral mode each
 created instance gets instead a just-in-time runner config of its own
 (``generate-jitconfig``: its name, the run's labels, one job), written into
 its row right after the row exists; nothing is claimed from the pool, since
@@ -33,7 +38,7 @@ emergency) are deleted through the REST API.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlplane import aws, ceilings, costtags, inputs, interruptions, metrics, poolstats, store
@@ -42,13 +47,13 @@ from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.errors import ConfigError, ProvisionFailure, RunnerPoolError
 from controlplane.github import GitHubClient, github_client_for
 from controlplane.logs import QUIET, Progress, event
-from controlplane.provision import creation, finalize, jit, selection, validation
+from controlplane.provision import creation, finalize, jit, relabel, selection, validation
 from controlplane.provision.attempt import Laps, Touched
 from controlplane.provision.creation import CreationResult
-from controlplane.provision.finalize import Commit, Finalized, Outcome
+from controlplane.provision.finalize import Commit, Finalized, Outcome, Rollback
 from controlplane.provision.selection import SelectionResult
 from controlplane.provision.validation import ValidationResult
-from controlplane.records import LIVE_STATES, REGISTRATION_TOKEN, Member
+from controlplane.records import LIVE_STATES, REGISTRATION_TOKEN, Member, State
 from controlplane.store import Pool
 from controlplane.termination import Cleanup, emergency
 
@@ -83,6 +88,8 @@ class ProvisionResult:
     from_stopped: int = 0                 # stopped runners started for this run (the stopped tier)
     created: int = 0
     breaker_open: bool = False            # spot interruptions breaker: this run's creations went on-demand
+    relabelled: int = 0                   # pool runners served by a label change (no new registration)
+    fallback: dict[str, str] = field(default_factory=dict)   # pool runners registered anew, and why
 
     @property
     def reason(self) -> str:
@@ -109,6 +116,7 @@ class ProvisionResult:
                         "failed": self.cleanup.failed},
             "pool_hit_rate": self.pool_hit_rate, "from_pool": self.from_pool, "from_stopped": self.from_stopped,
             "created": self.created, "breaker_open": self.breaker_open,
+            "relabelled": self.relabelled, "fallback": self.fallback,
             "api_calls": self.api_calls, "api_calls_by_op": self.api_calls_by_op,
             "api_calls_per_runner": round(sum(self.api_calls.values()) / n, 2),
             "fleet_calls": self.fleet_calls, "capacity_errors": self.capacity_errors,
@@ -177,13 +185,28 @@ class _Attempt:
     touched: Touched = field(default_factory=Touched)       # what the emergency path must end
     jit_runners: dict[str, int] = field(default_factory=dict)
     selection: SelectionResult = field(default_factory=SelectionResult)
+    relabel: relabel.ClaimResult = field(default_factory=relabel.ClaimResult)
     creation: CreationResult = field(default_factory=CreationResult)
     validated_at: float | None = None
     breaker_open: bool = False
+    credential: dict[str, str] = field(default_factory=dict)
 
     @property
     def ephemeral(self) -> bool:
         return self.pool.config.is_ephemeral(self.req.resource_class)
+
+    @property
+    def fresh(self) -> bool:
+        """Every pool runner registers anew (``fresh_registration``) instead of being relabelled."""
+        return self.pool.config.fresh_registration
+
+    def registration(self) -> dict[str, str]:
+        """The pool's registration token (SSM, rotated when close to expiry), read once, and only when
+        some member registers with it: a warm hit by relabelling never reads it."""
+        if not self.credential:
+            stored, _ = tokens.ensure_tokens(self.pool.config, self.github, now=self.clock.now())
+            self.credential[REGISTRATION_TOKEN] = stored.registration
+        return self.credential
 
 
 def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
@@ -194,17 +217,17 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
         a = _Attempt(pool, req, usage, gh, progress, clock)
         refused: ceilings.CeilingReached | None = None
         try:
-            registration = _registration(a)
-            sel = _select(a, registration)
+            sel = _select(a)
+            rl = _relabel(a, sel)
             try:
-                cr = _create(a, sel, registration)
+                cr = _create(a, sel)
             except ceilings.CeilingReached as exc:
                 # Lost the race for the last slots after claiming; nothing was launched: give the
                 # claims back (the unhealthy ones go), then fail as the precheck would have.
                 refused = exc
                 missing = a.req.count - len(sel.claimed)
                 cr = CreationResult(shortfall=missing, requested=missing)
-            val = None if cr.shortfall else _validate(a, sel.claimed + cr.members)
+            val = None if cr.shortfall else _validate(a, sel.claimed + cr.members, rl)
             done = _carry_out(a, finalize.decide(sel, cr, val))
             if done.ok:
                 costtags.tag_claimed(pool.config, req.run_id, [m.instance_id for m in sel.claimed], req.tags)
@@ -219,15 +242,7 @@ def provision(pool: Pool, req: ProvisionRequest, progress: Progress = QUIET,
     return res
 
 
-def _registration(a: _Attempt) -> dict[str, str] | None:
-    """The pool's registration token, for the rows of the members that register with it (not ephemeral)."""
-    if a.ephemeral:
-        return None
-    stored, _ = tokens.ensure_tokens(a.pool.config, a.github, now=a.clock.now())
-    return {REGISTRATION_TOKEN: stored.registration}
-
-
-def _select(a: _Attempt, registration: dict[str, str] | None) -> SelectionResult:
+def _select(a: _Attempt) -> SelectionResult:
     req = a.req
     with a.laps.lap("selection"):
         if a.ephemeral:
@@ -235,11 +250,24 @@ def _select(a: _Attempt, registration: dict[str, str] | None) -> SelectionResult
         else:
             a.progress.phase(f"[1/4] selection: {req.count} x {req.resource_class} from pool {a.pool.name}")
             a.selection = selection.select(a.pool, req.run_id, req.resource_class, req.count, req.usage_class,
-                                           a.clock, a.touched, registration)
+                                           a.clock, a.touched, a.registration() if a.fresh else None)
     return a.selection
 
 
-def _create(a: _Attempt, sel: SelectionResult, registration: dict[str, str] | None) -> CreationResult:
+def _relabel(a: _Attempt, sel: SelectionResult) -> relabel.ClaimResult:
+    """Give the claimed runners the run's labels on GitHub; the ones that cannot be get a credential."""
+    if not sel.claimed or a.fresh:
+        return a.relabel
+    with a.laps.lap("relabel"):
+        a.relabel = relabel.claim(a.pool, a.github, a.req.run_id, sel.claimed, sel.agents, a.registration,
+                                  a.clock)
+    rl = a.relabel
+    a.progress.phase(f"      {len(rl.ready)} relabelled for {a.req.run_id}, {len(rl.fallback)} registering anew"
+                     + "".join(f"\n        {i}: {why}" for i, why in sorted(rl.reasons.items())[:5]))
+    return rl
+
+
+def _create(a: _Attempt, sel: SelectionResult) -> CreationResult:
     missing = a.req.count - len(sel.claimed)
     started = sum(1 for m in sel.claimed if m.source == "stopped")
     a.progress.phase(f"      {len(sel.claimed) - started} claimed from the pool, {started} started from "
@@ -249,18 +277,28 @@ def _create(a: _Attempt, sel: SelectionResult, registration: dict[str, str] | No
     a.progress.phase(f"[2/4] creation: {missing} instance(s)" + ("" if missing else " (none needed)"))
     with a.laps.lap("creation"):
         a.creation = creation.create(a.pool, a.req.run_id, a.req.resource_class, missing, a.usage_class, a.clock,
-                                     a.touched, registration, run_tags=a.req.tags)
+                                     a.touched, a.registration() if missing and not a.ephemeral else None,
+                                     run_tags=a.req.tags)
         if a.ephemeral and a.creation.members:
             a.jit_runners.update(jit.deliver(a.pool, a.github, a.req.run_id, a.creation.members))
     return a.creation
 
 
-def _validate(a: _Attempt, members: list[Member]) -> ValidationResult:
+def _validate(a: _Attempt, members: list[Member], rl: relabel.ClaimResult) -> ValidationResult:
     timeout = a.req.validation_timeout_s or a.pool.config.validation_timeout_s
-    a.progress.phase(f"[3/4] validation: {len(members)} runner(s) must register for {a.req.run_id} "
-                     f"within {timeout:.0f} s")
-    with a.laps.lap("validation"):
-        val = validation.validate(a.pool, a.req.run_id, members, timeout, a.progress, a.clock)
+    checked = frozenset(m.instance_id for m in rl.ready)
+    ids = [m.instance_id for m in members]
+    if len(checked) == len(members):
+        # Every runner was relabelled and checked on GitHub, its heartbeat read just after its claim.
+        a.progress.phase(f"[3/4] validation: {len(members)} runner(s) relabelled and checked on GitHub")
+        val = ValidationResult(ready=ids, healthy=set(ids), decided_at=a.clock.now(), ids=ids, timeout_s=timeout)
+    else:
+        a.progress.phase(f"[3/4] validation: {len(members) - len(checked)} runner(s) must register for "
+                         f"{a.req.run_id} within {timeout:.0f} s"
+                         + (f", {len(checked)} relabelled" if checked else ""))
+        with a.laps.lap("validation"):
+            val = validation.validate(a.pool, a.req.run_id, members, timeout, a.progress, a.clock,
+                                      relabelled=checked)
     a.validated_at = val.decided_at
     interruptions.record(a.pool, {m.instance_id: m.resource_class for m in members
                                   if m.instance_id in val.interrupted}, a.clock.now())
@@ -288,10 +326,25 @@ def _carry_out(a: _Attempt, outcome: Outcome) -> Finalized:
     a.progress.phase(f"      {outcome.failure.message}")
     a.progress.phase(f"[4/4] rollback: {len(outcome.keep)} back to the pool, {len(outcome.doomed)} to terminate")
     with a.laps.lap("rollback"):
+        back, outcome = _unlabel_kept(a, outcome)
         done = finalize.rollback(a.pool, run_id, outcome, a.progress, a.clock, a.github)
+        done.cleanup.returned_to_pool.extend(back)
         doomed = {m.instance_id for m in outcome.doomed}
         jit.delete_runners(a.github, {i: r for i, r in a.jit_runners.items() if i in doomed})
     return done
+
+
+def _unlabel_kept(a: _Attempt, outcome: Rollback) -> tuple[list[str], Rollback]:
+    """Relabelled runners the rollback keeps go back to the pool by losing the run's labels (their
+    agents never heard of the run); the rest of ``keep`` takes the draining path."""
+    relabelled = {m.instance_id for m in a.relabel.ready}
+    listening = [m for m in outcome.keep if m.instance_id in relabelled]
+    if not listening:
+        return [], outcome
+    back, _ = relabel.unlabel(a.pool, a.github, a.req.run_id, listening, a.selection.agents, State.CLAIMED,
+                              a.clock)
+    returned = {m.instance_id for m in back}
+    return sorted(returned), replace(outcome, keep=[m for m in outcome.keep if m.instance_id not in returned])
 
 
 def _emergency(a: _Attempt, exc: BaseException) -> Cleanup:
@@ -314,7 +367,8 @@ def _finish(a: _Attempt, calls: aws.CallCounter, done: Finalized) -> ProvisionRe
                           capacity_errors=cr.errors_by_code, cleanup=done.cleanup,
                           from_pool=sum(1 for m in sel.claimed if m.source == "pool"),
                           from_stopped=sum(1 for m in sel.claimed if m.source == "stopped"),
-                          created=len(cr.members), breaker_open=a.breaker_open)
+                          created=len(cr.members), breaker_open=a.breaker_open, relabelled=len(a.relabel.ready),
+                          fallback=a.relabel.reasons)
     event("provision.done", run_id=res.run_id, ok=res.ok, instance_ids=res.instance_ids, reason=res.reason,
           duration_s=res.timings["total"], pool_hit_rate=res.pool_hit_rate, api_calls=res.api_calls,
           capacity_errors=res.capacity_errors, terminated=res.cleanup.terminated,

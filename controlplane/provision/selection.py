@@ -18,10 +18,13 @@ instance is terminated and another candidate is taken, without waiting on the
 others. The loop ends when enough are claimed, the queue is empty, or the
 deadline passes; whatever is missing is left to creation.
 
-The claim itself hands the agent what it registers with: the winning
-idle->claimed write also puts the pool's registration token into that row
-(``registration``), so a claimed runner costs no extra write; the commit or
-rollback takes it out again.
+With ``fresh_registration`` the claim itself hands the agent what it
+registers with: the winning idle->claimed write also puts the pool's
+registration token into that row (``registration``), so a claimed runner
+costs no extra write; the commit or rollback takes it out again. Otherwise
+the claim carries no credential: the listening runner is relabelled
+(``relabel.py``), and the agent rows read for the health check (kept in
+``agents``) say which runner that is.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class SelectionResult:
     stale_dropped: int = 0
     lost_races: int = 0
     given_back: int = 0
+    agents: dict[str, AgentRecord | None] = field(default_factory=dict)   # the health read, by instance id
 
 
 @dataclass
@@ -93,6 +97,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
         return SelectionResult()
     claimed: list[Member] = []
     unhealthy_all: list[Member] = []
+    agents: dict[str, AgentRecord | None] = {}
     res = _Tally()
     cfg = pool.config
     url = pool_q.queue_url(cfg, resource_class)
@@ -125,7 +130,7 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
             pool_q.give_back(cfg.region, url, back)
             res.given_back += len(back)
         if won:
-            healthy, unhealthy = _check_health(pool, won, clock)
+            healthy, unhealthy = _check_health(pool, won, clock, agents)
             claimed.extend(healthy)
             unhealthy_all.extend(unhealthy)
         if not keep and back:
@@ -136,7 +141,8 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
     event("selection.done", run_id=run_id, resource_class=resource_class, wanted=count,
           claimed=[m.instance_id for m in claimed], unhealthy=[m.instance_id for m in unhealthy_all],
           received=res.received, lost_races=res.lost_races, given_back=res.given_back)
-    return SelectionResult(claimed, unhealthy_all, res.received, res.stale_dropped, res.lost_races, res.given_back)
+    return SelectionResult(claimed, unhealthy_all, res.received, res.stale_dropped, res.lost_races, res.given_back,
+                           agents)
 
 
 def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, touched: Touched | None,
@@ -152,8 +158,10 @@ def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, touched: Touch
     return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
 
 
-def _check_health(pool: Pool, members: list[Member], clock: Clock) -> tuple[list[Member], list[Member]]:
+def _check_health(pool: Pool, members: list[Member], clock: Clock,
+                  agents: dict[str, AgentRecord | None]) -> tuple[list[Member], list[Member]]:
     rows = store.read_set(pool, [m.instance_id for m in members])
+    agents.update({iid: agent for iid, (_, agent) in rows.items()})
     now = clock.now()
     healthy: list[Member] = []
     unhealthy: list[Member] = []

@@ -2,7 +2,8 @@
 
 Input: the run and its members. Output: which members are ready and, for the
 rest, why not. A member is ready when its agent has signalled ``registered``
-for this run and its heartbeat is fresh. The set is polled with one batched
+for this run (or, for a relabelled pool runner, when the claim saw it on
+GitHub with the run's labels) and its heartbeat is fresh. The set is polled with one batched
 read per poll (two keys per instance, 50 instances per BatchGetItem) until
 every member is ready, one fails (fail fast: a failure signal, or a heartbeat
 that stops after it had started), or the validation timeout passes.
@@ -85,7 +86,10 @@ def judge(record: InstanceRecord | None, agent: AgentRecord | None, run_id: str,
 
 
 def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
-             progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK) -> ValidationResult:
+             progress: Progress = QUIET, clock: Clock = SYSTEM_CLOCK,
+             relabelled: frozenset[str] = frozenset()) -> ValidationResult:
+    """``relabelled``: members whose listening runner the claim already relabelled and checked on
+    GitHub; their agents signal nothing new, so for them a fresh heartbeat is enough."""
     if not members:
         return ValidationResult()
     res = _Poll()
@@ -119,7 +123,7 @@ def validate(pool: Pool, run_id: str, members: list[Member], timeout_s: float,
                 seen_heartbeat.add(iid)
             if verdict.failed is not None:
                 failed[iid] = verdict.failed
-            elif verdict.ready:
+            elif verdict.ready or (verdict.healthy and iid in relabelled):
                 ready.append(iid)
         res.ready, res.failed, res.healthy = ready, failed, healthy
         progress.update(f"{len(ready)} of {len(ids)} ready ({deadline.elapsed_s:.1f} s)", key=f"{len(ready)}/{len(ids)}")

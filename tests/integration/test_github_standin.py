@@ -550,3 +550,67 @@ def test_the_stand_in_runs_as_a_process_until_sigterm() -> None:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=WAIT_S)
     assert process.returncode == 0
+
+
+# -- runner labels and jobs (relabelling warm hits) --------------------------------------
+
+
+@pytest.mark.parametrize("scope", [SCOPE, "octo"], ids=["repository", "organization"])
+def test_labels_are_set_replaced_and_removed_through_the_client(standin: GitHubStandIn, scope: str) -> None:
+    client = GitHubClient(standin.url, PAT, scope, retry=FAST_RETRY)
+    rid = standin.add_runner(scope, "i-0lab-1", [], status="online")
+
+    assert set(client.set_labels(rid, ["run-1", "runner-pool-p"])) == {"run-1", "runner-pool-p"}
+    assert set((client.get_runner(rid) or GitHubRunner(0, "", "", False, ())).labels) == {"run-1", "runner-pool-p"}
+    assert set(client.set_labels(rid, ["run-2", "runner-pool-p"])) == {"run-2", "runner-pool-p"}   # replaces
+    assert client.set_labels(rid, []) == ()                                                         # removes all
+    assert (client.get_runner(rid) or GitHubRunner(0, "", "", False, ("x",))).labels == ()
+    with pytest.raises(ConfigError):                                    # another scope's runner: 404
+        GitHubClient(standin.url, PAT, "octo/elsewhere", retry=FAST_RETRY).set_labels(rid, ["run-3"])
+
+
+def test_a_batch_of_label_changes_reports_each_runner_and_a_refusal_by_name(
+        client: GitHubClient, standin: GitHubStandIn) -> None:
+    ids = [standin.add_runner(SCOPE, f"i-0b{n}-1", [], status="online") for n in range(5)]
+    standin.add_fault("fail", name_contains="i-0b3-", path_contains="/labels", status=422, count=1,
+                      message="Validation Failed")
+
+    out = client.set_labels_many([(rid, ["run-9"]) for rid in ids])
+
+    assert isinstance(out[ids[3]], RunnerPoolError) and "422" in str(out[ids[3]])
+    assert all(out[rid] == ("run-9",) for rid in ids if rid != ids[3])
+    assert {r.id: r.labels for r in client.list_runners()}[ids[3]] == ()    # the refused one is unchanged
+    assert standin.state()["requests"]["PUT /repos/{owner}/{repo}/actions/runners/{runner_id}/labels"] == 5
+
+
+def test_a_label_delay_shows_the_old_labels_until_the_change_takes_effect(
+        client: GitHubClient, standin: GitHubStandIn) -> None:
+    rid = standin.add_runner(SCOPE, "i-0dly-1", ["old"], status="online")
+    standin.set_label_delay(0.5)
+    try:
+        assert client.set_labels(rid, ["new"]) == ("new",)                 # what GitHub stored
+        assert (client.get_runner(rid) or GitHubRunner(0, "", "", False, ())).labels == ("old",)
+        assert eventually(lambda: (client.get_runner(rid) or GitHubRunner(0, "", "", False, ())).labels
+                          == ("new",), timeout_s=5)
+    finally:
+        standin.set_label_delay(0.0)
+
+
+def test_jobs_go_to_a_listening_runner_on_its_current_labels_only(
+        client: GitHubClient, standin: GitHubStandIn, runner_dir: Path) -> None:
+    assert register(runner_dir, standin, standin.issue_token(SCOPE)[0]).returncode == 0
+    process = start_run_sh(runner_dir)
+    try:
+        runner = eventually(lambda: (r := runner_named(client, "i-0abc-1")) and r.status == "online" and r)
+        stale = standin.add_job(SCOPE, ["run-41"], "a job for a label it no longer has")
+        client.set_labels(runner.id, ["run-43"])
+        wanted = standin.add_job(SCOPE, ["run-43"], "a job for its new label", duration_s=0.5)
+        running = eventually(lambda: next((j for j in standin.jobs() if j["id"] == wanted
+                                           and j["status"] == "in_progress"), None))
+        assert running["runner_id"] == runner.id and list(running["runner_labels"]) == ["run-43"]
+        assert (client.get_runner(runner.id) or runner).busy
+        assert eventually(lambda: next(j for j in standin.jobs() if j["id"] == wanted)["status"] == "completed")
+        assert not (client.get_runner(runner.id) or runner).busy
+        assert next(j for j in standin.jobs() if j["id"] == stale)["status"] == "queued"
+    finally:
+        stop_run_sh(process)

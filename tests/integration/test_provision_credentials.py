@@ -39,7 +39,8 @@ def runners_of(emu: Emu, ids: list[str]) -> list[dict[str, Any]]:
 
 def test_after_commit_no_row_holds_a_credential_and_every_runner_stays_registered(make_pool: Any,
                                                                                   emu: Emu) -> None:
-    pool = make_pool()
+    # Re-registration every run (a relabelling pool keeps its runners across runs: tests/integration/test_relabel.py).
+    pool = make_pool(fresh_registration=True)
     cold = prov(pool, 2)
     assert cold.ok, cold.reason
     assert credentials_left(pool, cold.instance_ids) == {}

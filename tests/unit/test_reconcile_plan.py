@@ -82,3 +82,11 @@ def test_a_young_row_whose_instance_ec2_does_not_list_yet_is_left_alone() -> Non
 def test_a_young_row_whose_instance_ec2_lists_as_shutting_down_is_closed() -> None:
     snap = Snapshot([young("i-new", State.RUNNING, 5)], [inst("i-new", age_s=5, state="shutting-down")], None, NOW)
     assert kinds(plan(snap)) == [("close_row", "i-new")]
+
+
+def test_a_pooled_runner_with_no_label_counts_as_this_pools_only_when_named_after_its_instance() -> None:
+    # Idle pooled runners wait without any label: attribute them by name to an instance this pool knows.
+    snap = Snapshot([rec("i-a", State.IDLE), rec("i-dead", State.TERMINATED)], [inst("i-a")],
+                    [runner(1, "i-a-1", labels=()), runner(2, "i-dead-1", labels=()),
+                     runner(3, "i-stranger-1", labels=())], NOW, "runner-pool-p")
+    assert kinds(plan(snap)) == [("delete_runner", "2")]           # i-stranger may be another pool's

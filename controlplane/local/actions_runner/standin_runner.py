@@ -23,7 +23,11 @@ to :mod:`controlplane.local.github_standin` instead of github.com:
     default 2 s), prints ``Listening for Jobs`` once connected, and runs until
     SIGTERM/SIGINT (exit 0) or until GitHub says the registration is gone
     (404: exit 2), which is what a real listener does when its runner is
-    deleted. Connection errors are retried, as the real listener does.
+    deleted. Connection errors are retried, as the real listener does. A ping
+    may hand it a job (the GitHub stand-in matches queued jobs to the runner's
+    current labels): it prints ``Running job: <name>``, keeps pinging, and
+    after the job's ``duration_s`` reports it done (``POST /_runner/job``); a
+    just-in-time runner then exits 0, as the real one does after its one job.
 
 Like the real runner, ``.runner`` is UTF-8 *with a byte-order mark*: read it
 with ``encoding="utf-8-sig"``. Tokens are never printed.
@@ -316,9 +320,24 @@ def run(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     connected = False
+    job: dict[str, Any] | None = None           # the job being run and when it ends (monotonic)
+    job_ends = 0.0
     while True:
+        if job is not None and time.monotonic() >= job_ends:
+            try:
+                _post(origin, "/_runner/job", {**body, "job_id": job["id"], "result": "succeeded"}, PING_TIMEOUT_S)
+            except HttpFailure as exc:
+                if exc.status == 404:
+                    _error(f"The runner registration has been deleted from the server: {exc.message}")
+                    return EXIT_REGISTRATION_GONE
+                _say(f"Could not report job {job['name']}: {exc.message}. Retrying.")
+            else:
+                _say(_stamp() + f": Job {job['name']} completed with result: Succeeded")
+                job = None
+                if settings.get("ephemeral"):   # a just-in-time runner takes one job, then exits
+                    return EXIT_OK
         try:
-            _post(origin, "/_runner/ping", body, PING_TIMEOUT_S)
+            _, reply = _post(origin, "/_runner/ping", body, PING_TIMEOUT_S)
         except HttpFailure as exc:
             if exc.status == 404:
                 _error(f"The runner registration has been deleted from the server: {exc.message}")
@@ -331,11 +350,21 @@ def run(argv: Sequence[str]) -> int:
                 _say("\u221a Connected to GitHub")
                 _say()
                 _say("Current runner version: 'standin'")
-                _say(time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()) + ": Listening for Jobs")
+                _say(_stamp() + ": Listening for Jobs")
             connected = True
-        if stopping.wait(interval_s):
+            offered = reply.get("job") if isinstance(reply, dict) else None
+            if isinstance(offered, dict) and job is None:
+                job = offered
+                job_ends = time.monotonic() + float(offered.get("duration_s") or 0.0)
+                _say(_stamp() + f": Running job: {offered.get('name')}")
+        wait_s = interval_s if job is None else max(0.0, min(interval_s, job_ends - time.monotonic()))
+        if stopping.wait(wait_s):
             _say("Exiting...")
             return EXIT_OK
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
 
 
 def main(argv: list[str]) -> int:
