@@ -678,6 +678,8 @@ class Agent:
           dead; an instance back in the pool waits without a runner (the next
           claim hands it a credential).
         """
+        if self.interrupted:                            # interrupt() stopped it on purpose
+            return ""
         run_id = str(self.run_id)
         why = "runner deleted on GitHub" if rc == RUNNER_DELETED else f"run.sh exited {rc}"
         self.log("runner_exited", why)
@@ -769,13 +771,17 @@ class Agent:
         control plane terminates it and removes the runner from GitHub. Never registers again."""
         if self.interrupted:
             return
+        # Set first: the main loop seeing run.sh die under stop_runner() must not take it for a crash
+        # (runner_died), re-register, or write a signal without the runner's id.
+        self.interrupted = True
         run = self.run_id
         self.stop_runner()
         self.kill_leftovers()
         self.clean_local()
-        self.interrupted, self.acked = True, run
+        self.acked = run
+        # The runner's name and id stay in the row: the control plane deletes it on GitHub by that id.
         self.signal("interrupted", run, str(self.notice))
-        self.run_id = self.name = self.log.run_id = self.runner_id = None
+        self.run_id = self.log.run_id = None
 
     def stopped_by_ec2(self) -> bool:
         """A SIGTERM while the state row says ``stopped``: EC2 is stopping the instance (the stopped

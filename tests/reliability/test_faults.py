@@ -240,7 +240,7 @@ def test_no_capacity_anywhere_fails_the_provision_cleanly_naming_the_error_and_l
 
 def test_a_run_id_provisioned_again_after_its_release_gets_a_new_instance_when_the_old_one_died(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool(**RELIABLE)
+    pool = make_pool(**RELIABLE, fresh_registration=True)     # release drains: the dead agent is found then
     rid = run_id()
     first = prov(pool, 1, rid)
     assert first.ok, first.reason
@@ -374,7 +374,10 @@ AGENT_STEPS = {
 @pytest.mark.parametrize("step", list(AGENT_STEPS))
 def test_an_agent_killed_at_each_step_of_its_life_leaves_a_terminated_instance_and_no_runner(
         make_pool: Any, emu: Emu, step: str) -> None:
-    pool = make_pool(**RELIABLE, **({"pre_runner_script": "sleep 300\n"} if step == "booting" else {}))
+    # fresh_registration: these steps are the deregister-and-drain life of an agent (a relabelling
+    # pool keeps a listening runner registered across runs and never drains a healthy one).
+    pool = make_pool(**RELIABLE, fresh_registration=True,
+                     **({"pre_runner_script": "sleep 300\n"} if step == "booting" else {}))
     AGENT_STEPS[step](pool, emu)
     check(pool, emu)
 
