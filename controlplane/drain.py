@@ -20,7 +20,6 @@ from controlplane import interruptions, store, termination
 from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.logs import QUIET, Progress, event
-from controlplane.pool import PoolMessage
 from controlplane.records import AgentRecord, Member, State
 from controlplane.state import transition
 from controlplane.store import Pool
@@ -109,12 +108,7 @@ def return_to_pool(pool: Pool, run_id: str, members: list[Member], from_: State 
                 continue
         to_kill.append(Doomed(m.instance_id, State.DRAINING, None))
     if back:
-        by_class: dict[str, list[Member]] = {}
-        for m in back:
-            by_class.setdefault(m.resource_class, []).append(m)
-        for cls, ms in by_class.items():
-            pool_q.send(cfg.region, pool_q.queue_url(cfg, cls), [
-                PoolMessage(m.instance_id, cls, m.instance_type, m.usage_class, now) for m in ms])
+        pool_q.requeue(cfg, back, now)
         out.returned_to_pool = [m.instance_id for m in back]
     out.merge(termination.retire(pool, to_kill, clock))          # their runners are removed above
     return out

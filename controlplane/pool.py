@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane import aws
 from controlplane.config import PoolConfig
@@ -137,6 +137,29 @@ def send(region: str, url: str, messages: Iterable[PoolMessage]) -> None:
         if resp.get("Failed"):
             codes = sorted({f.get("Code", "?") for f in resp["Failed"]})
             raise aws.AwsError(f"SQS refused {len(resp['Failed'])} message(s): {', '.join(codes)}")
+
+
+class Poolable(Protocol):
+    """What a pool message is made of: a Member or an InstanceRecord."""
+
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def resource_class(self) -> str: ...
+    @property
+    def instance_type(self) -> str: ...
+    @property
+    def usage_class(self) -> str: ...
+
+
+def requeue(cfg: PoolConfig, instances: Iterable[Poolable], now: float) -> None:
+    """Put idle instances (back) into their class's queue: one SendMessageBatch per 10 per class."""
+    by_class: dict[str, list[Poolable]] = {}
+    for i in instances:
+        by_class.setdefault(i.resource_class, []).append(i)
+    for cls, items in by_class.items():
+        send(cfg.region, queue_url(cfg, cls),
+             [PoolMessage(i.instance_id, cls, i.instance_type, i.usage_class, now) for i in items])
 
 
 def receive(region: str, url: str, max_messages: int, wait_s: int) -> list[PoolMessage]:

@@ -44,7 +44,6 @@ from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline, wait_until
 from controlplane.errors import RunnerPoolError
 from controlplane.logs import QUIET, Progress, event
-from controlplane.pool import PoolMessage
 from controlplane.records import FAILURE_SIGNALS, InstanceRecord, Signal, State
 from controlplane.state import transition
 from controlplane.store import Pool
@@ -160,12 +159,7 @@ def _promote(pool: Pool, rows: list[InstanceRecord], clock: Clock) -> list[str]:
         return t.record if t.won else None
 
     won = [r for r in aws.parallel(one, ready) if r is not None]
-    by_class: dict[str, list[InstanceRecord]] = {}
-    for r in won:
-        by_class.setdefault(r.resource_class, []).append(r)
-    for cls, rs in by_class.items():
-        pool_q.send(cfg.region, pool_q.queue_url(cfg, cls),
-                    [PoolMessage(r.instance_id, cls, r.instance_type, r.usage_class, now) for r in rs])
+    pool_q.requeue(cfg, won, now)
     if won:
         event("warm.promoted", pool=cfg.name, instance_ids=[r.instance_id for r in won])
     return [r.instance_id for r in won]

@@ -53,7 +53,6 @@ from controlplane import pool as pool_q
 from controlplane.clock import SYSTEM_CLOCK, Clock, Deadline
 from controlplane.errors import RunnerPoolError
 from controlplane.logs import event
-from controlplane.pool import PoolMessage
 from controlplane.records import REGISTRATION_TOKEN, AgentRecord, Member, State
 from controlplane.state import transition
 from controlplane.store import Pool
@@ -230,12 +229,7 @@ def unlabel(pool: Pool, github: GitHubClient, run_id: str, members: list[Member]
 
     candidates = [m for m in members if m.instance_id in runner_of]
     back = [m for m, won in zip(candidates, aws.parallel(idle, candidates), strict=True) if won]
-    by_class: dict[str, list[Member]] = {}
-    for m in back:
-        by_class.setdefault(m.resource_class, []).append(m)
-    for cls, ms in by_class.items():
-        pool_q.send(cfg.region, pool_q.queue_url(cfg, cls),
-                    [PoolMessage(m.instance_id, cls, m.instance_type, m.usage_class, now) for m in ms])
+    pool_q.requeue(cfg, back, now)
     returned = {m.instance_id for m in back}
     rest = [m for m in members if m.instance_id not in returned]
     event("relabel.release", run_id=run_id, returned=sorted(returned), drained=why)
