@@ -155,6 +155,16 @@ def processes_of(home: Path, *, below: bool = False) -> list[int]:
     return pids
 
 
+def _shut_down(machine: _Machine, now: float) -> float:
+    """An OS shutdown begins (stop or terminate): a frozen instance is thawed, then all get SIGTERM.
+    Returns when it began (``term_sent_at``)."""
+    machine.term_sent_at = now
+    if machine.frozen:
+        _signal_all(machine, signal.SIGCONT)
+    _signal_all(machine, signal.SIGTERM)
+    return now
+
+
 def _signal_all(machine: _Machine, sig: int) -> None:
     """``sig`` to the agent's group and to every process (and its group) of the instance."""
     targets = set(processes_of(machine.home))
@@ -546,12 +556,8 @@ class Simulator:
         if m.proc is None:
             m.phase, m.detail = "halted", "stopped before it booted"
             return
-        if m.term_sent_at is None:
-            m.term_sent_at = now
-            if m.frozen:
-                _signal_all(m, signal.SIGCONT)
-            _signal_all(m, signal.SIGTERM)
-        if m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
+        sent = m.term_sent_at if m.term_sent_at is not None else _shut_down(m, now)
+        if m.proc.poll() is None and now - sent < TERMINATE_GRACE_S:
             return
         _signal_all(m, signal.SIGKILL)
         self.imds.unregister(m.instance_id)
@@ -675,15 +681,13 @@ class Simulator:
         if m.kind == "rootfs":
             self._rootfs_terminated(m, now)
             return
-        if m.term_sent_at is None:
-            m.term_sent_at = now
-            if m.frozen:
-                _signal_all(m, signal.SIGCONT)
-            _signal_all(m, signal.SIGTERM)
+        sent = m.term_sent_at
+        if sent is None:
+            sent = _shut_down(m, now)
             if m.phase == "booting":
                 m.phase, m.detail = "terminated", "terminated before it booted"
                 return
-        if m.proc is not None and m.proc.poll() is None and now - m.term_sent_at < TERMINATE_GRACE_S:
+        if m.proc is not None and m.proc.poll() is None and now - sent < TERMINATE_GRACE_S:
             return
         _signal_all(m, signal.SIGKILL)
         if m.proc is not None:
