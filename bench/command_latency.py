@@ -62,8 +62,8 @@ WRAPPER = (
     "            seen.add(port)\n"
     "            sys.stderr.write('@@connect %s %.6f\\n' % (port, time.time()))\n"
     "sys.addaudithook(hook)\n"
-    "from controlplane.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "from controlplane.cli import entry\n"
+    "entry()\n"
 )
 COMMAND_TIMEOUT_S = 600
 

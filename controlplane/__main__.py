@@ -1,6 +1,4 @@
 """``python -m controlplane`` is the ``runner-pool`` command."""
-import sys
+from controlplane.cli import entry
 
-from controlplane.cli import main
-
-sys.exit(main())
+entry()

@@ -342,28 +342,12 @@ def cmd_local_status(args: argparse.Namespace) -> int:
     return 0 if state else 1
 
 
-def _prewarm_github() -> None:
-    """Import githubkit in a thread while the command waits on AWS (it takes about a quarter of a
-    second, and a provision or release needs it only after its first AWS calls)."""
-    import threading
-
-    def load() -> None:
-        try:
-            import githubkit
-            import githubkit.exception  # noqa: F401
-        except ImportError:
-            pass                        # the command's own import reports it
-
-    threading.Thread(target=load, name="prewarm-githubkit", daemon=True).start()
-
-
 def cmd_provision(args: argparse.Namespace) -> int:
     from controlplane.logs import Progress
 
     run_id = _check_run_id(args.run_id)
     inputs.check_count(args.count, "--count")
     p = _pool(args)                     # the first AWS call (a read), before the provision's own imports
-    _prewarm_github()
     from controlplane.costtags import parse_cli
 
     tags = parse_cli(args.tag or [])    # bad tags: exit 2 before any change
@@ -381,7 +365,6 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     run_id = _check_run_id(args.run_id)
     p = _pool(args)
-    _prewarm_github()
     from controlplane.release import release
 
     res = release(p, run_id, progress=Progress(not args.json))
@@ -441,7 +424,11 @@ def cmd_iam(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import gc
+
     from controlplane.demo import run_demo
+
+    gc.enable()                         # minutes of work: collect cycles as usual (see entry())
 
     return run_demo(json_output=args.json, state_dir=args.state_dir)
 
@@ -568,5 +555,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> NoReturn:
+    """The ``runner-pool`` console script: :func:`main`, started and ended fast.
+
+    A command is a short process that builds a few large, long-lived object
+    graphs (botocore's service models, pydantic's schemas) and exits. The
+    cyclic garbage collector would walk those graphs again and again while
+    they are built, and interpreter shutdown would tear every object down one
+    by one before the process ends: together about half a second of CPU per
+    command, for memory the operating system takes back at once. So the
+    collector is off (``demo`` turns it back on) and, once the command has
+    flushed what it printed and logged, the process ends with ``os._exit``.
+    No work is cut short by it: every thread the control plane starts is
+    joined before its call returns, except a daemon thread that only
+    imports.
+    """
+    import gc
+    import logging
+
+    gc.disable()
+    rc = main()
+    logging.shutdown()                  # flush the structured log handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe: nothing more can be said
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

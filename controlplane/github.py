@@ -8,61 +8,66 @@ listening runner instead of registering a new one; GitHub has no batch
 endpoint, so :meth:`GitHubClient.set_labels_many` and
 :meth:`GitHubClient.get_runners` run one call per runner in parallel). The
 scope picks the ``/repos/{owner}/{repo}/...`` or ``/orgs/{org}/...`` endpoints;
-nothing else in the control plane builds GitHub URLs or imports githubkit.
-githubkit is imported where a call is made, not with this module: it takes
-about a quarter of a second, and a command reaches AWS before it needs GitHub.
+nothing else in the control plane builds GitHub URLs.
 
-Why a githubkit client per call: Pulumi pickles dynamic providers and an HTTP
-client holds sockets and an ``SSLContext``, so :class:`GitHubClient` keeps only
-plain values (URL, token, scope, retry policy) and opens a client inside each
-method. A paginated listing shares one client across its pages.
+**Transport: urllib3**, the HTTP library botocore itself runs on, so it is
+loaded already when a command first needs GitHub. The runner API is a handful
+of JSON endpoints; a general GitHub SDK (githubkit, which this module used
+before) cost about 0.3 s of CPU per command to import and to build its
+clients and response models, a third of a warm provision (BENCHMARKS.md,
+issue 15). One connection pool per process (:func:`_http`) is shared by
+every client and thread; :class:`GitHubClient` itself keeps only plain values
+(URL, token, scope, retry policy), because Pulumi pickles dynamic providers
+and a connection pool cannot be pickled. An HTTPS proxy from the standard
+environment variables (``HTTPS_PROXY``, ``NO_PROXY``) is honoured.
 
-Retries go through githubkit's own ``auto_retry`` hook with
-:class:`RetryPolicy`: 5xx answers and transport errors back off exponentially,
-a rate limit waits for GitHub's reset only when that is close
-(``max_rate_limit_wait_s``), and nothing is retried more than ``max_retries``
-times, so every call has a bounded worst case. All requests are idempotent
-enough to retry: a second token is as good as the first, and a delete whose
-first answer was lost comes back 404, which :meth:`GitHubClient.delete_runner`
-reports as "already gone". githubkit's HTTP cache is off: a cached runner list
+**Retries** (:class:`RetryPolicy`, every call): 5xx answers and transport
+errors back off exponentially; a rate limit (a 403 or 429 with
+``Retry-After``, an exhausted ``X-RateLimit-Remaining``, or GitHub's "rate
+limit" message, which sometimes comes without either header) waits for
+GitHub's reset only when that is close (``max_rate_limit_wait_s``); nothing
+is retried more than ``max_retries`` times, so every call has a bounded
+worst case. All requests are idempotent enough to retry: a second token is
+as good as the first, and a delete whose first answer was lost comes back
+404, which :meth:`GitHubClient.delete_runner` reports as "already gone".
+Nothing is cached but an App's installation token: a cached runner list
 would hide the drift reconcile looks for.
 
-Authentication is a PAT (``RUNNER_POOL_GITHUB_TOKEN``) or a GitHub App
+**Authentication** is a PAT (``RUNNER_POOL_GITHUB_TOKEN``) or a GitHub App
 installation (``github.app_id`` + ``github.app_installation_id`` in the pool
 config, or ``RUNNER_POOL_GITHUB_APP_ID`` / ``..._INSTALLATION_ID``, and the
 private key in ``RUNNER_POOL_GITHUB_APP_PRIVATE_KEY`` or ``..._KEY_FILE``).
-With an App, githubkit's ``AppInstallationAuthStrategy`` signs a JWT with the
-key, exchanges it for an installation token (``POST
-/app/installations/{id}/access_tokens``) and caches that token in its
-process-wide memory cache until a minute before it expires, so the per-call
-clients share one token and a long command refreshes it by itself.
+With an App, a JWT signed with the key (PyJWT, RS256, nine minutes) is
+exchanged for an installation token (``POST
+/app/installations/{id}/access_tokens``), which is cached in the process
+until a minute before it expires, so every call of a command shares one
+token and a long command refreshes it by itself.
 
-Errors are mapped once, in :meth:`GitHubClient._mapped_errors`, and chained:
-401 is a :class:`RunnerPoolError` about the credential, 404 on the scope is a
-:class:`ConfigError` naming the repository or organization. A 403 is one of
-two things GitHub answers with the same status: a secondary rate limit
-(githubkit recognises it by ``Retry-After`` or an exhausted
-``X-RateLimit-Remaining``; we also by GitHub's message, which sometimes comes
-without either header), which is retried like any rate limit, or a missing
-permission, which is not retried and names the permission to grant.
+**Errors** are mapped once, in :meth:`GitHubClient._mapped_errors`, and
+chained: 401 is a :class:`RunnerPoolError` about the credential, 404 on the
+scope is a :class:`ConfigError` naming the repository or organization. A 403
+is a rate limit (retried as above) or a missing permission, which is not
+retried and names the permission to grant.
 """
 from __future__ import annotations
 
-import contextvars
+import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from controlplane.errors import ConfigError, RunnerPoolError
 
 if TYPE_CHECKING:
-    from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
-    from githubkit.exception import GitHubException
-    from githubkit.typing import RetryOption
+    import urllib3
 
     from controlplane.config import GitHubConfig
 
@@ -79,6 +84,10 @@ PER_PAGE = 100                      # GitHub's maximum for the runners listing
 MAX_PARALLEL = 16                   # concurrent calls of one batch (GitHub has no batch endpoint for labels)
 MAX_PAGES = 100                     # 10,000 runners: a bound on the loop, far above any real scope
 REQUEST_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+API_VERSION = "2022-11-28"
+APP_JWT_LIFETIME_S = 540            # GitHub refuses more than 10 minutes; iat is backdated 60 s for clock skew
+TOKEN_REFRESH_MARGIN_S = 60.0       # an installation token is replaced a minute before it expires
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -111,9 +120,50 @@ class GitHubRunner:
     labels: tuple[str, ...]
 
 
+class HttpFailure(Exception):
+    """GitHub answered with an error status (after the retries it deserved)."""
+
+    def __init__(self, status: int, message: str, rate_limit_reset_s: float | None = None,
+                 rate_limited: bool = False) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.rate_limited = rate_limited
+        self.rate_limit_reset_s = rate_limit_reset_s     # seconds until GitHub's limit resets, when it said
+
+
+class Unreachable(Exception):
+    """No answer from GitHub: connection refused, DNS, TLS or a timeout (after the retries)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer: status, headers (lower-case names) and the decoded JSON body (or None)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+    @property
+    def message(self) -> str:
+        return str(self.body.get("message", "")) if isinstance(self.body, dict) else ""
+
+    def rate_limit(self, now: float) -> tuple[bool, float | None]:
+        """Whether this is a rate limit, and GitHub's wait (seconds) when it says one."""
+        if self.status not in (403, 429):
+            return False, None
+        retry_after = self.headers.get("retry-after", "")
+        if retry_after.strip().isdigit():
+            return True, float(retry_after)
+        if self.headers.get("x-ratelimit-remaining") == "0":
+            reset = self.headers.get("x-ratelimit-reset", "")
+            return True, (max(0.0, float(reset) - now) if reset.strip().isdigit() else None)
+        return self.status == 429 or "rate limit" in self.message.lower(), None
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """githubkit ``auto_retry`` decision with bounded waits (see the module docstring)."""
+    """When a GitHub call is sent again, and after how long (see the module docstring)."""
 
     max_retries: int = 3
     base_delay_s: float = 1.0
@@ -123,74 +173,57 @@ class RetryPolicy:
     def backoff_s(self, retry_count: int) -> float:
         return float(min(self.max_delay_s, self.base_delay_s * 2**retry_count))
 
-    def __call__(self, exc: GitHubException, retry_count: int) -> RetryOption:
-        from githubkit.exception import RateLimitExceeded, RequestError, RequestFailed
-        from githubkit.typing import RetryOption
+    def delay_s(self, answer: Answer | None, retry_count: int, now: float) -> float | None:
+        """Seconds to wait before retry ``retry_count + 1``, or None: do not retry.
 
+        ``answer`` is None when the request got no answer (a transport error).
+        """
         if retry_count >= self.max_retries:
-            return RetryOption(False)
-        if not isinstance(exc, RequestFailed) and isinstance(exc.__cause__, RequestFailed):
-            exc = exc.__cause__                     # an answer inside the auth flow (App token exchange)
-        if is_secondary_rate_limit(exc) and not isinstance(exc, RateLimitExceeded):
-            # No Retry-After: GitHub asks for at least a minute; the cap keeps a provision moving.
-            return RetryOption(True, timedelta(seconds=min(60.0, self.max_rate_limit_wait_s)))
-        if isinstance(exc, RateLimitExceeded):
-            # GitHub says when the limit resets; waiting longer than the cap would stall a provision.
-            wait_s = exc.retry_after.total_seconds()
-            if wait_s > self.max_rate_limit_wait_s:
-                return RetryOption(False)
-            return RetryOption(True, timedelta(seconds=max(wait_s, self.base_delay_s)))
-        if isinstance(exc, RequestFailed):
-            if exc.response.status_code < 500:
-                return RetryOption(False)
-        elif not isinstance(exc, RequestError):     # timeouts and connection errors are RequestErrors
-            return RetryOption(False)
-        # githubkit sleeps 60 s when a retry carries no delay, so always give one.
-        return RetryOption(True, timedelta(seconds=self.backoff_s(retry_count)))
+            return None
+        if answer is None or answer.status >= 500:
+            return self.backoff_s(retry_count)
+        limited, wait_s = answer.rate_limit(now)
+        if not limited:
+            return None                              # any other 4xx: sending it again changes nothing
+        if wait_s is None:                           # no header: GitHub asks for at least a minute
+            return min(60.0, self.max_rate_limit_wait_s)
+        if wait_s > self.max_rate_limit_wait_s:
+            return None                              # waiting that long would stall a provision
+        return max(wait_s, self.base_delay_s)
 
 
 DEFAULT_RETRY = RetryPolicy()
 
-
-def is_secondary_rate_limit(exc: BaseException) -> bool:
-    """A 403/429 that is a rate limit, not a refusal (by githubkit's headers or GitHub's message)."""
-    from githubkit.exception import RateLimitExceeded, RequestFailed
-
-    if isinstance(exc, RateLimitExceeded):
-        return True
-    if not isinstance(exc, RequestFailed) or exc.response.status_code not in (403, 429):
-        return False
-    if exc.response.status_code == 429:
-        return True
-    try:
-        body = exc.response.json()
-    except Exception:  # noqa: BLE001 - any unreadable body is not a rate-limit message
-        return False
-    message = str(body.get("message", "")) if isinstance(body, dict) else ""
-    return "rate limit" in message.lower()
+_pool_lock = threading.Lock()
+_pools: dict[str, urllib3.PoolManager] = {}
+_tokens: dict[tuple[str, int, int, str], tuple[str, float]] = {}   # App installation token, expiry
+_tokens_lock = threading.Lock()
 
 
-class _ApiLabel(Protocol):
-    @property
-    def name(self) -> str: ...
+def _http(url: str) -> urllib3.PoolManager:
+    """The process's connection pool for ``url`` (a proxy's, when the environment names one for it)."""
+    import urllib.request
+
+    import urllib3
+
+    parts = urlsplit(url)
+    proxy = "" if urllib.request.proxy_bypass(parts.hostname or "") else \
+        urllib.request.getproxies().get(parts.scheme, "")
+    with _pool_lock:
+        pool = _pools.get(proxy)
+        if pool is None:
+            kwargs: dict[str, Any] = {"maxsize": MAX_PARALLEL, "retries": False}
+            pool = _pools[proxy] = (urllib3.ProxyManager(proxy, **kwargs) if proxy else urllib3.PoolManager(**kwargs))
+        return pool
 
 
-class _ApiRunner(Protocol):
-    @property
-    def id(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def busy(self) -> bool: ...
-    @property
-    def labels(self) -> Sequence[_ApiLabel]: ...
+def _runner_of(api: Mapping[str, Any]) -> GitHubRunner:
+    return GitHubRunner(id=int(api["id"]), name=str(api["name"]), status=str(api["status"]), busy=bool(api["busy"]),
+                        labels=tuple(str(label["name"]) for label in api.get("labels", ())))
 
 
-def _runner_of(api: _ApiRunner) -> GitHubRunner:
-    return GitHubRunner(id=api.id, name=api.name, status=api.status, busy=api.busy,
-                        labels=tuple(label.name for label in api.labels))
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass(frozen=True)
@@ -232,61 +265,40 @@ class GitHubClient:
     def scope_label(self) -> str:
         return f"organization {self.scope}" if self.is_org else f"repository {self.scope}"
 
+    def _base(self) -> str:
+        """The scope's runner endpoints: ``/repos/{owner}/{repo}/actions/runners`` or ``/orgs/{org}/...``."""
+        return f"/orgs/{self.scope}/actions/runners" if self.is_org else f"/repos/{self.scope}/actions/runners"
+
     def registration_token(self) -> RunnerToken:
         """A new registration token (``config.sh --token``)."""
-        with self._mapped_errors("create a registration token"), self._github() as gh:
-            if self.is_org:
-                token = gh.rest.actions.create_registration_token_for_org(self.scope).parsed_data
-            else:
-                owner, repo = self.scope.split("/")
-                token = gh.rest.actions.create_registration_token_for_repo(owner, repo).parsed_data
-        return RunnerToken(token=token.token, expires_at=token.expires_at.timestamp())
+        with self._mapped_errors("create a registration token"):
+            data = self._call("POST", f"{self._base()}/registration-token")
+        return RunnerToken(token=str(data["token"]), expires_at=_epoch(str(data["expires_at"])))
 
     def removal_token(self) -> RunnerToken:
         """A new removal token (``config.sh remove --token``); the control plane itself no longer
         needs one (it deletes runners by id), but ``runner-pool`` keeps it for manual cleanups."""
-        with self._mapped_errors("create a removal token"), self._github() as gh:
-            if self.is_org:
-                token = gh.rest.actions.create_remove_token_for_org(self.scope).parsed_data
-            else:
-                owner, repo = self.scope.split("/")
-                token = gh.rest.actions.create_remove_token_for_repo(owner, repo).parsed_data
-        return RunnerToken(token=token.token, expires_at=token.expires_at.timestamp())
+        with self._mapped_errors("create a removal token"):
+            data = self._call("POST", f"{self._base()}/remove-token")
+        return RunnerToken(token=str(data["token"]), expires_at=_epoch(str(data["expires_at"])))
 
     def jit_config(self, name: str, labels: Sequence[str],
                    runner_group_id: int = DEFAULT_RUNNER_GROUP_ID) -> JitConfig:
         """Register one just-in-time runner (``generate-jitconfig``): fixed name and labels, one job."""
-        with self._mapped_errors(f"create a just-in-time runner {name}"), self._github() as gh:
-            if self.is_org:
-                data = gh.rest.actions.generate_runner_jitconfig_for_org(
-                    self.scope, name=name, runner_group_id=runner_group_id, labels=list(labels)).parsed_data
-            else:
-                owner, repo = self.scope.split("/")
-                data = gh.rest.actions.generate_runner_jitconfig_for_repo(
-                    owner, repo, name=name, runner_group_id=runner_group_id, labels=list(labels)).parsed_data
-        return JitConfig(runner_id=data.runner.id, encoded=data.encoded_jit_config)
+        with self._mapped_errors(f"create a just-in-time runner {name}"):
+            data = self._call("POST", f"{self._base()}/generate-jitconfig",
+                              {"name": name, "runner_group_id": runner_group_id, "labels": list(labels)})
+        return JitConfig(runner_id=int(data["runner"]["id"]), encoded=str(data["encoded_jit_config"]))
 
     def get_runner(self, runner_id: int) -> GitHubRunner | None:
         """One runner by id; ``None`` when GitHub does not have it (404)."""
-        with self._github() as gh:
-            return self._get_runner(gh, runner_id)
-
-    def _get_runner(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy],
-                    runner_id: int) -> GitHubRunner | None:
-        from githubkit.exception import RequestFailed
-
         with self._mapped_errors(f"get runner {runner_id}"):
             try:
-                if self.is_org:
-                    api = gh.rest.actions.get_self_hosted_runner_for_org(self.scope, runner_id).parsed_data
-                else:
-                    owner, repo = self.scope.split("/")
-                    api = gh.rest.actions.get_self_hosted_runner_for_repo(owner, repo, runner_id).parsed_data
-            except RequestFailed as exc:
-                if exc.response.status_code == 404:
+                return _runner_of(self._call("GET", f"{self._base()}/{int(runner_id)}"))
+            except HttpFailure as exc:
+                if exc.status == 404:
                     return None
                 raise
-        return _runner_of(api)
 
     def check_access(self) -> None:
         """One cheap read (a page of one runner) that proves the token works for the scope.
@@ -296,23 +308,19 @@ class GitHubClient:
         variable the token came from, like an unknown scope (404) already is.
         """
         try:
-            with self._mapped_errors("list runners"), self._github() as gh:
-                if self.is_org:
-                    gh.rest.actions.list_self_hosted_runners_for_org(self.scope, per_page=1)
-                else:
-                    owner, repo = self.scope.split("/")
-                    gh.rest.actions.list_self_hosted_runners_for_repo(owner, repo, per_page=1)
+            with self._mapped_errors("list runners"):
+                self._call("GET", f"{self._base()}?per_page=1")
         except ConfigError:
             raise
         except RunnerPoolError as exc:
-            status = getattr(getattr(exc.__cause__, "response", None), "status_code", None)
+            status = getattr(exc.__cause__, "status", None)
             if status == 401:
                 raise ConfigError(f"{self.token_source}: GitHub rejected the "
                                   + ("App's credentials" if self.is_app else "token"),
                                   hint="it is invalid, expired or revoked; "
                                   + ("check the App id, installation id and private key" if self.is_app
                                      else "export a valid PAT")) from exc
-            if status == 403:
+            if status == 403 and not getattr(exc.__cause__, "rate_limited", False):
                 raise ConfigError(f"{self.token_source}: {exc.message}", hint=exc.hint) from exc
             raise
 
@@ -323,17 +331,10 @@ class GitHubClient:
         are kept once.
         """
         found: dict[int, GitHubRunner] = {}
-        with self._mapped_errors("list runners"), self._github() as gh:
+        with self._mapped_errors("list runners"):
             for page in range(1, MAX_PAGES + 1):
-                if self.is_org:
-                    data = gh.rest.actions.list_self_hosted_runners_for_org(
-                        self.scope, per_page=PER_PAGE, page=page).parsed_data
-                    total, batch = data.total_count, [_runner_of(r) for r in data.runners]
-                else:
-                    owner, repo = self.scope.split("/")
-                    repo_data = gh.rest.actions.list_self_hosted_runners_for_repo(
-                        owner, repo, per_page=PER_PAGE, page=page).parsed_data
-                    total, batch = repo_data.total_count, [_runner_of(r) for r in repo_data.runners]
+                data = self._call("GET", f"{self._base()}?per_page={PER_PAGE}&page={page}")
+                total, batch = int(data["total_count"]), [_runner_of(r) for r in data["runners"]]
                 for runner in batch:
                     found.setdefault(runner.id, runner)
                 if len(batch) < PER_PAGE or page * PER_PAGE >= total:
@@ -342,18 +343,11 @@ class GitHubClient:
 
     def delete_runner(self, runner_id: int) -> bool:
         """Delete a runner; ``False`` when GitHub no longer has it (404), which is success."""
-        from githubkit.exception import RequestFailed
-
         with self._mapped_errors(f"delete runner {runner_id}"):
             try:
-                with self._github() as gh:
-                    if self.is_org:
-                        gh.rest.actions.delete_self_hosted_runner_from_org(self.scope, runner_id)
-                    else:
-                        owner, repo = self.scope.split("/")
-                        gh.rest.actions.delete_self_hosted_runner_from_repo(owner, repo, runner_id)
-            except RequestFailed as exc:
-                if exc.response.status_code == 404:
+                self._call("DELETE", f"{self._base()}/{int(runner_id)}")
+            except HttpFailure as exc:
+                if exc.status == 404:
                     return False
                 raise
         return True
@@ -365,110 +359,123 @@ class GitHubClient:
         too). That is what GitHub stored, not proof that dispatch uses it yet:
         callers that need the change in effect check the runner afterwards.
         """
-        with self._github() as gh:
-            return self._set_labels(gh, runner_id, labels)
-
-    def _set_labels(self, gh: GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy], runner_id: int,
-                    labels: Sequence[str]) -> tuple[str, ...]:
         with self._mapped_errors(f"set the labels of runner {runner_id}"):
-            actions = gh.rest.actions
-            if not labels:                      # GitHub's documented way to clear: DELETE .../labels
-                if self.is_org:
-                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_org(
-                        self.scope, runner_id).parsed_data
-                else:
-                    owner, repo = self.scope.split("/")
-                    cleared = actions.remove_all_custom_labels_from_self_hosted_runner_for_repo(
-                        owner, repo, runner_id).parsed_data
-                return tuple(label.name for label in cleared.labels)
-            if self.is_org:
-                data = actions.set_custom_labels_for_self_hosted_runner_for_org(
-                    self.scope, runner_id, labels=list(labels)).parsed_data
-            else:
-                owner, repo = self.scope.split("/")
-                data = actions.set_custom_labels_for_self_hosted_runner_for_repo(
-                    owner, repo, runner_id, labels=list(labels)).parsed_data
-        return tuple(label.name for label in data.labels)
+            path = f"{self._base()}/{int(runner_id)}/labels"
+            # GitHub's documented way to clear is DELETE .../labels; PUT replaces the custom labels.
+            data = self._call("DELETE", path) if not labels else self._call("PUT", path, {"labels": list(labels)})
+        return tuple(str(label["name"]) for label in data["labels"])
 
     def set_labels_many(self, changes: Sequence[tuple[int, Sequence[str]]]
                         ) -> dict[int, tuple[str, ...] | RunnerPoolError]:
         """:meth:`set_labels` for each ``(runner id, labels)``, in parallel (GitHub has no batch
         endpoint): per runner the labels GitHub stored, or the error that refused it."""
-        return self._each(lambda gh, change: self._set_labels(gh, change[0], change[1]), changes,
+        return self._each(lambda change: self.set_labels(change[0], change[1]), changes,
                           key=lambda change: change[0])
 
     def get_runners(self, runner_ids: Sequence[int]) -> dict[int, GitHubRunner | None | RunnerPoolError]:
         """:meth:`get_runner` for each id, in parallel: the runner, ``None`` (gone), or the error."""
-        return self._each(self._get_runner, runner_ids, key=lambda runner_id: runner_id)
+        return self._each(self.get_runner, runner_ids, key=lambda runner_id: runner_id)
 
-    def _each(self, fn: Callable[[Any, T], R], items: Sequence[T], key: Callable[[T], int]
+    def _each(self, fn: Callable[[T], R], items: Sequence[T], key: Callable[[T], int]
               ) -> dict[int, R | RunnerPoolError]:
-        """Run ``fn(gh, item)`` over ``items`` in threads sharing one githubkit client (its HTTP
-        connection pool is thread-safe; githubkit finds the open client through a context variable,
-        so each thread runs in a copy of this context). Each call keeps its own retries; a
-        :class:`RunnerPoolError` is the result of its item, anything else propagates."""
-        def one(gh: Any, item: T) -> R | RunnerPoolError:
+        """Run ``fn(item)`` over ``items`` in threads sharing the process's connection pool (it is
+        thread-safe). Each call keeps its own retries; a :class:`RunnerPoolError` is the result of
+        its item, anything else propagates."""
+        def one(item: T) -> R | RunnerPoolError:
             try:
-                return fn(gh, item)
+                return fn(item)
             except RunnerPoolError as exc:
                 return exc
 
         if not items:
             return {}
-        with self._github() as gh:
-            if len(items) == 1:
-                return {key(items[0]): one(gh, items[0])}
-            with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
-                futures = [pool.submit(contextvars.copy_context().run, one, gh, item) for item in items]
-                return {key(item): f.result() for item, f in zip(items, futures, strict=True)}
+        if len(items) == 1:
+            return {key(items[0]): one(items[0])}
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
+            return {key(item): result for item, result in zip(items, pool.map(one, items), strict=True)}
 
-    def _github(self) -> GitHub[TokenAuthStrategy] | GitHub[AppInstallationAuthStrategy]:
-        """A fresh githubkit client: never stored (see the module docstring)."""
-        from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
+    # ------------------------------------------------------------ transport
 
-        if self.app_id is not None:
-            return GitHub(
-                AppInstallationAuthStrategy(str(self.app_id), self.app_private_key,
-                                            installation_id=int(self.app_installation_id or 0)),
-                base_url=self.api_url, timeout=self.timeout_s, auto_retry=self.retry, http_cache=False)
-        return GitHub(
-            TokenAuthStrategy(self.token),
-            base_url=self.api_url,
-            timeout=self.timeout_s,
-            auto_retry=self.retry,
-            http_cache=False,
-        )
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call with this client's credential; its JSON answer (None when empty)."""
+        return self._send(method, path, body, f"Bearer {self._installation_token()}" if self.is_app
+                          else f"token {self.token}")
+
+    def _send(self, method: str, path: str, body: Any, authorization: str) -> Any:
+        """Send with :class:`RetryPolicy`; the JSON answer, or :class:`HttpFailure` / :class:`Unreachable`."""
+        import urllib3
+
+        url = self.api_url.rstrip("/") + path
+        headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": API_VERSION,
+                   "User-Agent": "runner-pool", "Authorization": authorization}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, self.timeout_s), read=self.timeout_s)
+        retry = 0
+        while True:
+            answer: Answer | None = None
+            failure: HttpFailure | Unreachable
+            try:
+                raw = _http(url).request(method, url, body=payload, headers=headers, timeout=timeout,
+                                         redirect=False, retries=False)
+            except urllib3.exceptions.HTTPError as exc:      # no answer: refused, DNS, TLS, timeout
+                failure = Unreachable(f"{type(exc).__name__}: {exc}")
+            else:
+                answer = Answer(raw.status, {k.lower(): v for k, v in raw.headers.items()}, _json(raw.data))
+                if answer.status < 400:
+                    return answer.body
+                limited, wait_s = answer.rate_limit(time.time())
+                failure = HttpFailure(answer.status, answer.message, wait_s, limited)
+            wait = self.retry.delay_s(answer, retry, time.time())
+            if wait is None:
+                raise failure
+            time.sleep(wait)
+            retry += 1
+
+    def _installation_token(self) -> str:
+        """The App installation's token: cached per process until a minute before it expires."""
+        key = (self.api_url, int(self.app_id or 0), int(self.app_installation_id or 0),
+               hashlib.sha256(self.app_private_key.encode()).hexdigest())
+        with _tokens_lock:
+            cached = _tokens.get(key)
+            if cached is not None and cached[1] - TOKEN_REFRESH_MARGIN_S > time.time():
+                return cached[0]
+            import jwt  # PyJWT: only App authentication signs anything
+
+            now = int(time.time())
+            signed = jwt.encode({"iat": now - 60, "exp": now + APP_JWT_LIFETIME_S, "iss": str(self.app_id)},
+                                self.app_private_key, algorithm="RS256")
+            data = self._send("POST", f"/app/installations/{int(self.app_installation_id or 0)}/access_tokens",
+                              None, f"Bearer {signed}")
+            token, expires_at = str(data["token"]), _epoch(str(data["expires_at"]))
+            _tokens[key] = (token, expires_at)
+            return token
 
     @contextmanager
     def _mapped_errors(self, doing: str) -> Iterator[None]:
-        """Turn githubkit errors into runner-pool errors, once, chained to the original."""
-        from githubkit.exception import GitHubException, RateLimitExceeded, RequestError, RequestFailed
-
+        """Turn transport failures into runner-pool errors, once, chained to the original."""
         try:
             yield
-        except RateLimitExceeded as exc:
-            raise RunnerPoolError(
-                f"GitHub rate limit exceeded while trying to {doing} for {self.scope_label}",
-                hint=f"it resets in {exc.retry_after.total_seconds():.0f} s; fewer concurrent runs help"
-                + ("" if self.is_app else "; a GitHub App installation has a higher limit than a PAT"),
-            ) from exc
-        except RequestFailed as exc:
-            if is_secondary_rate_limit(exc):
+        except HttpFailure as exc:
+            if exc.rate_limited:
+                if exc.rate_limit_reset_s is not None and exc.rate_limit_reset_s > 0:
+                    raise RunnerPoolError(
+                        f"GitHub rate limit exceeded while trying to {doing} for {self.scope_label}",
+                        hint=f"it resets in {exc.rate_limit_reset_s:.0f} s; fewer concurrent runs help"
+                        + ("" if self.is_app else "; a GitHub App installation has a higher limit than a PAT"),
+                    ) from exc
                 raise RunnerPoolError(
                     f"GitHub secondary rate limit hit while trying to {doing} for {self.scope_label}",
                     hint="too many requests at once; retry in a minute or run fewer provisions concurrently",
                 ) from exc
-            raise self._status_error(exc.response.status_code, doing) from exc
-        except RequestError as exc:
-            inner = exc.__cause__
-            if isinstance(inner, RequestFailed):        # raised inside the auth flow (App token exchange)
-                raise self._status_error(inner.response.status_code, doing) from inner
+            raise self._status_error(exc.status, doing) from exc
+        except Unreachable as exc:
             raise RunnerPoolError(
                 f"could not reach GitHub at {self.api_url} to {doing}: {exc}",
                 hint="check the GitHub API URL and the network",
             ) from exc
-        except GitHubException as exc:
-            raise RunnerPoolError(f"GitHub call failed while trying to {doing}: {exc!r}") from exc
 
     def _status_error(self, status: int, doing: str) -> RunnerPoolError:
         if status == 401:
@@ -493,6 +500,15 @@ class GitHubClient:
             f"GitHub answered HTTP {status} when trying to {doing} for {self.scope_label}",
             hint="retry later; https://www.githubstatus.com shows GitHub's incidents",
         )
+
+
+def _json(data: bytes) -> Any:
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"message": data[:200].decode("utf-8", "replace")}
 
 
 def github_client_from_env(api_url: str, scope: str, app_id: int | None = None,
