@@ -1,6 +1,6 @@
 """How the control plane and the runner hold GitHub credentials, over real HTTP against the stand-in.
 
-* a GitHub App installation authenticates like a PAT: githubkit signs a JWT
+* a GitHub App installation authenticates like a PAT: the client signs a JWT
   with the App's key, the stand-in checks it and mints an installation token,
   which later calls reuse instead of minting again;
 * a 403 that is a secondary rate limit is retried; a 403 for a missing
@@ -97,7 +97,7 @@ def test_an_app_installation_mints_one_token_and_reuses_it_for_later_calls(
 
 
 def test_an_app_key_github_does_not_know_is_rejected_with_a_clear_error(app_key: tuple[str, str]) -> None:
-    # An App of its own: githubkit caches JWTs and installation tokens per App in the process.
+    # An App of its own: installation tokens are cached per App (and key) in the process.
     other_app = APP_ID + 1
     with GitHubStandIn(pat=PAT, app_id=other_app, app_public_key=app_key[1],
                        app_installation_id=INSTALLATION_ID) as gh:

@@ -1,7 +1,7 @@
 """The GitHub stand-in, the control plane's GitHub client and the runner stand-in, over real HTTP.
 
 Each scenario starts a real stand-in on 127.0.0.1 and goes through the same
-paths as production: :class:`GitHubClient` (githubkit) for the REST API and
+paths as production: :class:`GitHubClient` (urllib3) for the REST API and
 ``bash config.sh`` / ``bash run.sh`` subprocesses for the runner side.
 """
 from __future__ import annotations
