@@ -129,36 +129,30 @@ class HttpFailure(Exception):
         self.status = status
         self.message = message
         self.rate_limited = rate_limited
-        self.rate_limit_reset_s = rate_limit_reset_s     # seconds until GitHub's limit resets, when it said
+        self.rate_limit_reset_s = rate_limit_reset_s     # GitHub's wait: Retry-After, or until the reset
 
 
 class Unreachable(Exception):
     """No answer from GitHub: connection refused, DNS, TLS or a timeout (after the retries)."""
 
 
-@dataclass(frozen=True)
-class Answer:
-    """One HTTP answer: status, headers (lower-case names) and the decoded JSON body (or None)."""
+def _failure_of(status: int, headers: Mapping[str, str], body: Any, now: float) -> HttpFailure:
+    """An error answer, classified once: a rate limit (and GitHub's wait, when it says one) or not.
 
-    status: int
-    headers: Mapping[str, str]
-    body: Any
-
-    @property
-    def message(self) -> str:
-        return str(self.body.get("message", "")) if isinstance(self.body, dict) else ""
-
-    def rate_limit(self, now: float) -> tuple[bool, float | None]:
-        """Whether this is a rate limit, and GitHub's wait (seconds) when it says one."""
-        if self.status not in (403, 429):
-            return False, None
-        retry_after = self.headers.get("retry-after", "")
-        if retry_after.strip().isdigit():
-            return True, float(retry_after)
-        if self.headers.get("x-ratelimit-remaining") == "0":
-            reset = self.headers.get("x-ratelimit-reset", "")
-            return True, (max(0.0, float(reset) - now) if reset.strip().isdigit() else None)
-        return self.status == 429 or "rate limit" in self.message.lower(), None
+    A rate limit is a 403 or 429 with ``Retry-After``, an exhausted ``X-RateLimit-Remaining``
+    (wait until ``X-RateLimit-Reset``), any 429, or GitHub's "rate limit" message without headers.
+    """
+    message = str(body.get("message", "")) if isinstance(body, dict) else ""
+    if status not in (403, 429):
+        return HttpFailure(status, message)
+    retry_after = headers.get("retry-after", "")
+    if retry_after.strip().isdigit():
+        return HttpFailure(status, message, float(retry_after), rate_limited=True)
+    if headers.get("x-ratelimit-remaining") == "0":
+        reset = headers.get("x-ratelimit-reset", "")
+        wait_s = max(0.0, float(reset) - now) if reset.strip().isdigit() else None
+        return HttpFailure(status, message, wait_s, rate_limited=True)
+    return HttpFailure(status, message, rate_limited=status == 429 or "rate limit" in message.lower())
 
 
 @dataclass(frozen=True)
@@ -173,18 +167,15 @@ class RetryPolicy:
     def backoff_s(self, retry_count: int) -> float:
         return float(min(self.max_delay_s, self.base_delay_s * 2**retry_count))
 
-    def delay_s(self, answer: Answer | None, retry_count: int, now: float) -> float | None:
-        """Seconds to wait before retry ``retry_count + 1``, or None: do not retry.
-
-        ``answer`` is None when the request got no answer (a transport error).
-        """
+    def delay_s(self, failure: HttpFailure | Unreachable, retry_count: int) -> float | None:
+        """Seconds to wait before retry ``retry_count + 1`` of a failed call, or None: do not retry."""
         if retry_count >= self.max_retries:
             return None
-        if answer is None or answer.status >= 500:
+        if isinstance(failure, Unreachable) or failure.status >= 500:
             return self.backoff_s(retry_count)
-        limited, wait_s = answer.rate_limit(now)
-        if not limited:
+        if not failure.rate_limited:
             return None                              # any other 4xx: sending it again changes nothing
+        wait_s = failure.rate_limit_reset_s
         if wait_s is None:                           # no header: GitHub asks for at least a minute
             return min(60.0, self.max_rate_limit_wait_s)
         if wait_s > self.max_rate_limit_wait_s:
@@ -415,7 +406,6 @@ class GitHubClient:
         timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, self.timeout_s), read=self.timeout_s)
         retry = 0
         while True:
-            answer: Answer | None = None
             failure: HttpFailure | Unreachable
             try:
                 raw = _http(url).request(method, url, body=payload, headers=headers, timeout=timeout,
@@ -423,12 +413,11 @@ class GitHubClient:
             except urllib3.exceptions.HTTPError as exc:      # no answer: refused, DNS, TLS, timeout
                 failure = Unreachable(f"{type(exc).__name__}: {exc}")
             else:
-                answer = Answer(raw.status, {k.lower(): v for k, v in raw.headers.items()}, _json(raw.data))
-                if answer.status < 400:
-                    return answer.body
-                limited, wait_s = answer.rate_limit(time.time())
-                failure = HttpFailure(answer.status, answer.message, wait_s, limited)
-            wait = self.retry.delay_s(answer, retry, time.time())
+                data = _json(raw.data)
+                if raw.status < 400:
+                    return data
+                failure = _failure_of(raw.status, {k.lower(): v for k, v in raw.headers.items()}, data, time.time())
+            wait = self.retry.delay_s(failure, retry)
             if wait is None:
                 raise failure
             time.sleep(wait)
