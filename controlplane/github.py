@@ -57,7 +57,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -369,21 +368,19 @@ class GitHubClient:
 
     def _each(self, fn: Callable[[T], R], items: Sequence[T], key: Callable[[T], int]
               ) -> dict[int, R | RunnerPoolError]:
-        """Run ``fn(item)`` over ``items`` in threads sharing the process's connection pool (it is
-        thread-safe). Each call keeps its own retries; a :class:`RunnerPoolError` is the result of
-        its item, anything else propagates."""
+        """Run ``fn(item)`` over ``items`` in threads (:func:`controlplane.aws.parallel`; the
+        process's connection pool is thread-safe). Each call keeps its own retries; a
+        :class:`RunnerPoolError` is the result of its item, anything else propagates."""
+        from controlplane import aws
+
         def one(item: T) -> R | RunnerPoolError:
             try:
                 return fn(item)
             except RunnerPoolError as exc:
                 return exc
 
-        if not items:
-            return {}
-        if len(items) == 1:
-            return {key(items[0]): one(items[0])}
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
-            return {key(item): result for item, result in zip(items, pool.map(one, items), strict=True)}
+        return {key(item): result for item, result in
+                zip(items, aws.parallel(one, items, max_workers=MAX_PARALLEL), strict=True)}
 
     # ------------------------------------------------------------ transport
 
