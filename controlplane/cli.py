@@ -429,7 +429,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from controlplane.demo import run_demo
 
     gc.enable()                         # minutes of work: collect cycles as usual (see entry())
-
     return run_demo(json_output=args.json, state_dir=args.state_dir)
 
 
@@ -567,8 +566,7 @@ def entry() -> NoReturn:
     collector is off (``demo`` turns it back on) and, once the command has
     flushed what it printed and logged, the process ends with ``os._exit``.
     No work is cut short by it: every thread the control plane starts is
-    joined before its call returns, except a daemon thread that only
-    imports.
+    joined before its call returns.
     """
     import gc
     import logging
