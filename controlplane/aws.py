@@ -169,15 +169,12 @@ def _config(region: str, attempts: int) -> Config:
 
 
 class _PlainJsonFiles(JSONFileLoader):
-    """botocore's file loader (``exists``/``load_file`` of a path without its extension), parsing to plain dicts."""
+    """botocore's file loader, parsing to plain dicts (``exists`` is botocore's own)."""
 
     OPENERS: tuple[tuple[str, Callable[[str], Any]], ...] = (
         (".json", lambda path: open(path, "rb")),
         (".json.gz", lambda path: gzip.open(path, "rb")),
     )
-
-    def exists(self, file_path: str) -> bool:
-        return any(os.path.isfile(file_path + ext) for ext, _ in self.OPENERS)
 
     def load_file(self, file_path: str) -> Any:
         for ext, opener in self.OPENERS:
