@@ -38,6 +38,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used the embedded default shows the tail of its daemon's log: when the
+    emulator went away mid-test, that log says why (a signal, a dying thread, a fatal error)."""
+    outcome = yield
+    report = outcome.get_result()
+    state = getattr(item, "funcargs", {}).get("local")
+    if report.failed and isinstance(state, dict):
+        try:
+            lines = (Path(state["state_dir"]) / "daemon.log").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            lines = [f"(no daemon.log: {exc})"]
+        report.sections.append(("daemon.log (last 60 lines)", "\n".join(lines[-60:])))
+
+
 def wait_for(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
     """``probe()`` once it is truthy; fails the test naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -37,6 +37,29 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _is_daemon(pid: int, state_dir: Path) -> bool:
+    """``pid`` is alive and is the daemon of ``state_dir``, not whatever process reuses a dead one's pid.
+
+    A ``state.json`` outlives a daemon that was killed (or a reboot): its pid may belong to
+    anything by now, and ``local stop`` must never signal that.
+    """
+    if pid <= 0 or not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    if b"controlplane.local.daemon" not in argv or b"--state-dir" not in argv:
+        return False
+    given = argv[argv.index(b"--state-dir") + 1:][:1]
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return bool(given) and (Path(cwd) / os.fsdecode(given[0])).resolve() == Path(state_dir).resolve()
+
+
 def _healthy(aws_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{aws_url}/_emulator/health", timeout=2) as r:
@@ -52,7 +75,7 @@ def read_state(state_dir: Path | None = None) -> dict[str, Any] | None:
         state: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(int(state.get("pid", 0))):
+    if not _is_daemon(int(state.get("pid", 0)), state_dir or default_state_dir()):
         return None
     return state
 
@@ -115,7 +138,7 @@ def stop(state_dir: Path | None = None) -> dict[str, Any]:
         pid = int(json.loads(path.read_text())["pid"])
     except (OSError, ValueError, KeyError):
         pid = 0
-    if pid and _alive(pid):
+    if pid and _is_daemon(pid, state_dir):
         os.kill(pid, signal.SIGTERM)
         if not wait_until(lambda: not _alive(pid), Deadline(STOP_TIMEOUT_S), 0.1):
             try:

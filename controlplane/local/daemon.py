@@ -37,7 +37,9 @@ every request against the signer's IAM policies (see
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import logging
 import os
 import signal
 import sys
@@ -208,6 +210,31 @@ def _iam_hooks(aws_url: str, admin: dict[str, str]) -> dict[tuple[str, str], Any
     return {("POST", "/_emulator/iam/pool"): pool, ("POST", "/_emulator/iam/agent"): agent}
 
 
+def _on_signal(signum: int, stop: threading.Event) -> None:
+    """SIGTERM, SIGINT and SIGHUP stop the daemon; a stray SIGUSR1/2 (whose default would kill it
+    without a word) is ignored. Each is written to daemon.log, so a daemon that went away says why."""
+    name = signal.Signals(signum).name
+    verdict = "stopping" if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) else "ignored"
+    logging.getLogger("runner_pool.daemon").warning("%s received: %s", name, verdict)
+    if verdict == "stopping":
+        stop.set()
+
+
+def _diagnostics() -> None:
+    """What daemon.log needs to explain a death: timestamps, fatal-signal tracebacks, dying threads."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    faulthandler.enable()
+    log = logging.getLogger("runner_pool.daemon")
+
+    def thread_died(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value,
+                  exc_info=args.exc_value if args.exc_value is not None else False)
+
+    threading.excepthook = thread_died
+    log.warning("daemon pid %d starting", os.getpid())
+
+
 def serve(state_dir: Path, aws_port: int = 0, github_port: int = 0, enforce_iam: bool = False,
           pool_config: Path | None = None) -> int:
     from controlplane.local import emulator
@@ -215,6 +242,7 @@ def serve(state_dir: Path, aws_port: int = 0, github_port: int = 0, enforce_iam:
     from controlplane.local.imds import ImdsStandIn
     from controlplane.local.simulator import Simulator
 
+    _diagnostics()
     state_dir.mkdir(parents=True, exist_ok=True)
     emu = emulator.Emulator(aws_port).start()
     admin = create_admin(emu.url) if enforce_iam else None
@@ -246,14 +274,15 @@ def serve(state_dir: Path, aws_port: int = 0, github_port: int = 0, enforce_iam:
     print(json.dumps(state), flush=True)
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, _frame: _on_signal(signum, stop))
     stop.wait()
     sim.stop()
     imds.stop()
     github.stop()
     emu.stop()
     (state_dir / "state.json").unlink(missing_ok=True)
+    logging.getLogger("runner_pool.daemon").warning("daemon pid %d stopped", os.getpid())
     return 0
 
 

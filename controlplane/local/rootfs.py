@@ -637,8 +637,12 @@ class RootfsHost:
         return proc, address
 
     def init_pid(self, proc: subprocess.Popen[bytes] | None) -> int | None:
-        """PID (on the host) of the instance's PID 1: the child of ``unshare --fork``."""
-        if proc is None:
+        """PID (on the host) of the instance's PID 1: the child of ``unshare --fork``.
+
+        None once ``proc`` has been reaped: its pid may name another process by now (and PID 1
+        died with it, ``unshare`` waiting for its child).
+        """
+        if proc is None or proc.poll() is not None:
             return None
         try:
             with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as fh:

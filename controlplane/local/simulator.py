@@ -165,11 +165,23 @@ def _shut_down(machine: _Machine, now: float) -> float:
     return now
 
 
+def _unreaped(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """``proc``'s pid while it still names that process (running, or a zombie not yet reaped); else None.
+
+    Once ``poll()`` has reaped a process its pid is free, and on a busy machine (pids wrap at
+    ``pid_max``) the kernel hands it to another process: signalling it then hits a stranger.
+    """
+    if proc is None or proc.poll() is not None:
+        return None
+    return proc.pid
+
+
 def _signal_all(machine: _Machine, sig: int) -> None:
     """``sig`` to the agent's group and to every process (and its group) of the instance."""
     targets = set(processes_of(machine.home))
-    if machine.proc is not None:
-        targets.add(machine.proc.pid)
+    agent = _unreaped(machine.proc)
+    if agent is not None:
+        targets.add(agent)
     for pid in targets:
         for send in (os.killpg, os.kill):
             try:
@@ -340,7 +352,10 @@ class Simulator:
     def _signal_agent(self, m: _Machine, sig: int) -> None:
         """``sig`` to the agent: its process group (process kind) or its process in the instance (rootfs)."""
         if m.kind != "rootfs":
-            os.killpg(m.proc.pid, sig)  # type: ignore[union-attr]
+            pid = _unreaped(m.proc)
+            if pid is None:
+                raise OSError("the agent has exited")
+            os.killpg(pid, sig)
             return
         pid = self._rootfs.agent_pid(m.home) if self._rootfs is not None else None
         if pid is None:
