@@ -36,6 +36,27 @@ eval "$({sys.executable} -m controlplane local env)"
     assert not (state / "state.json").exists()
 
 
+def test_local_stop_never_signals_a_process_that_took_a_dead_daemons_pid(tmp_path: Path) -> None:
+    """A state.json left by a killed daemon (or a reboot) names a pid that may belong to anything now."""
+    state = tmp_path / "state"
+    state.mkdir()
+    stranger = subprocess.Popen(["sleep", "120"])
+    try:
+        (state / "state.json").write_text(json.dumps({"pid": stranger.pid, "aws_url": "http://127.0.0.1:9"}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RUNNER_POOL_"))}
+        env["RUNNER_POOL_LOCAL_DIR"] = str(state)
+        stopped = subprocess.run([sys.executable, "-m", "controlplane", "local", "stop"], check=False, cwd=ROOT,
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert stranger.poll() is None, "local stop killed a process that is not its daemon"
+        shown = subprocess.run([sys.executable, "-m", "controlplane", "local", "env"], check=False, cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode != 0 and str(stranger.pid) not in shown.stdout
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_config_check_prints_every_problem_and_exits_2_without_touching_aws(tmp_path: Path, emu: Emu) -> None:
     bad = tmp_path / "pool.yaml"
     bad.write_text("name: Bad_Name\nregion: mars-1\nsubnets: []\nami: nope\nbogus: 1\n")
