@@ -21,7 +21,13 @@ probes behind each fix):
    number) as false; moto raises ``TypeError`` and answers 500, so one junk
    attribute in one row would fail every query that filters on it
    (:func:`install_comparison_fix`).
-4. **Fault injection**, switchable at run time through ``/_emulator/*``
+4. **A transaction backs each table up once.** Before a TransactWriteItems
+   moto deep-copies every table it touches, to roll back on a cancelled
+   condition, but does it once per *action*: a commit of 50 rows copied the
+   table 50 times, so the emulator made transactions slower than the single
+   writes they replace (:func:`install_transaction_fix` copies each table once
+   per call; what a transaction does is unchanged).
+5. **Fault injection**, switchable at run time through ``/_emulator/*``
    endpoints: AWS-shaped error responses (throttling, 5xx) per operation by
    count or probability, latency per operation, and EC2 capacity shortfalls.
 
@@ -571,6 +577,52 @@ def install_comparison_fix() -> None:
         op.expr = expr
 
 
+class _TablesCopiedOnce:
+    """Stands in for the ``copy`` module inside moto's transact_write_items for one call: a table
+    asked for twice is deep-copied once (every other use goes to :mod:`copy`)."""
+
+    def __init__(self) -> None:
+        self.copies: dict[int, Any] = {}
+
+    def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+        import copy
+
+        from moto.dynamodb.models.table import Table
+
+        if not isinstance(obj, Table):
+            return copy.deepcopy(obj, memo)
+        if id(obj) not in self.copies:
+            self.copies[id(obj)] = copy.deepcopy(obj)
+        return self.copies[id(obj)]
+
+    def __getattr__(self, name: str) -> Any:
+        import copy
+
+        return getattr(copy, name)
+
+
+def install_transaction_fix() -> None:
+    """TransactWriteItems backs up each table it touches once, not once per action (module docstring, 4)."""
+    import copy
+
+    from moto.dynamodb import models
+
+    stock = models.DynamoDBBackend.transact_write_items
+    if getattr(stock, "runner_pool_fixed", False):
+        return
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        with BACKEND_LOCK:                        # held by the request already; the swap is never seen by another
+            models.copy = _TablesCopiedOnce()     # type: ignore[assignment]
+            try:
+                stock(self, transact_items)
+            finally:
+                models.copy = copy
+
+    transact_write_items.runner_pool_fixed = True
+    models.DynamoDBBackend.transact_write_items = transact_write_items
+
+
 # ---------------------------------------------------------------- IAM enforcement
 
 _EC2_RESOURCE_PREFIXES = {"i-": "instance", "lt-": "launch-template", "fleet-": "fleet", "vol-": "volume",
@@ -611,7 +663,8 @@ def request_resource(service: str, handler: Any) -> str:
     region, account = handler.region, handler.current_account
     if service == "dynamodb":
         body = getattr(handler, "body", None) or {}
-        table = body.get("TableName") or next(iter(body.get("RequestItems") or {}), None)
+        table = (body.get("TableName") or next(iter(body.get("RequestItems") or {}), None)
+                 or _transaction_table(body))
         if not table:
             return "*"
         arn = f"arn:aws:dynamodb:{region}:{account}:table/{table}"
@@ -639,6 +692,35 @@ def request_resource(service: str, handler: Any) -> str:
             return _ec2_arn(region, account, ids[0]) if ids else "*"
         return "*"
     return "*"
+
+
+TRANSACTION_ACTIONS = {"Update": "UpdateItem", "Put": "PutItem", "Delete": "DeleteItem",
+                       "ConditionCheck": "ConditionCheckItem"}
+
+
+def _transaction_actions(body: dict[str, Any]) -> set[str]:
+    return {TRANSACTION_ACTIONS.get(kind, kind) for item in body.get("TransactItems") or [] for kind in item}
+
+
+def _transaction_table(body: dict[str, Any]) -> str | None:
+    """The one table a TransactWriteItems writes (None if it names several: moto checks one resource)."""
+    tables = {a.get("TableName") for item in body.get("TransactItems") or [] for a in item.values()}
+    return tables.pop() if len(tables) == 1 else None
+
+
+def iam_action(action: str, body: bytes | str | None) -> str:
+    """The IAM action moto should check for a request: a batch call's single call (:data:`IAM_ACTION_OF`);
+    a DynamoDB transaction's one kind of action (AWS authorizes each action of a transaction as its
+    single call: https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis-iam.html).
+    A transaction mixing kinds keeps its own name, which no policy grants: moto evaluates one action
+    per request, so it is refused rather than half-checked."""
+    if action == "dynamodb:TransactWriteItems":
+        try:
+            kinds = _transaction_actions(json.loads(body or b"{}"))
+        except (ValueError, AttributeError):
+            return action
+        return f"dynamodb:{kinds.pop()}" if len(kinds) == 1 else action
+    return IAM_ACTION_OF.get(action, action)
 
 
 # Operations IAM authorizes under another action's name: SQS's batch calls need the single call's
@@ -674,7 +756,7 @@ def enforce_iam() -> None:
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         stock_init(self, *args, **kwargs)
-        self._action = IAM_ACTION_OF.get(self._action, self._action)
+        self._action = iam_action(self._action, self._body)
 
     IAMRequestBase.__init__ = init
     with BACKEND_LOCK:
@@ -740,6 +822,7 @@ class Emulator:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         install_fleet_shim()
         install_comparison_fix()
+        install_transaction_fix()
         self._app = Middleware(DomainDispatcherApplication(create_backend_app), emulator=self)
         self._serve()
         return self

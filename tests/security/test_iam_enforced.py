@@ -185,6 +185,14 @@ def test_the_whole_life_under_the_generated_policies_meets_no_access_denied(pool
     assert admin
 
 
+def _update(table: str, instance_id: str) -> dict[str, Any]:
+    """A transaction's Update of a state row (what the control plane's commit sends)."""
+    arn = f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"
+    return {"Update": {"TableName": table, "Key": {"pk": {"S": arn}, "sk": {"S": "state"}},
+                       "UpdateExpression": "SET #s = :s", "ExpressionAttributeNames": {"#s": "state"},
+                       "ExpressionAttributeValues": {":s": {"S": "running"}}}}
+
+
 def _denied(call: Any) -> bool:
     try:
         call()
@@ -229,6 +237,10 @@ def test_an_instances_credentials_reach_no_ssm_parameter_and_no_other_call(pool:
         "dynamodb:DeleteItem": lambda: ddb.delete_item(TableName=table, Key={"pk": {"S": "pool"}, "sk": {"S": "config"}}),
         "dynamodb:BatchGetItem": lambda: ddb.batch_get_item(RequestItems={table: {"Keys": [
             {"pk": {"S": "pool"}, "sk": {"S": "config"}}]}}),
+        "dynamodb:TransactWriteItems Put": lambda: ddb.transact_write_items(TransactItems=[
+            {"Put": {"TableName": table, "Item": {"pk": {"S": "x"}, "sk": {"S": "state"}}}}]),
+        "dynamodb:TransactWriteItems on another table": lambda: ddb.transact_write_items(
+            TransactItems=[_update("runner-pool-elsewhere", iid)]),
         "ec2:TerminateInstances": lambda: ec2.terminate_instances(InstanceIds=[iid]),
         "ec2:DescribeInstances": lambda: ec2.describe_instances(),
         "sqs:ListQueues": lambda: sqs.list_queues(),
@@ -259,6 +271,12 @@ def test_the_control_plane_key_reaches_no_other_pools_table_tokens_or_queues(poo
         "list every table": lambda: ddb.list_tables(),
         "an IAM call": lambda: pool.enforced.client("iam", pool.key).list_users(),
         "a VPC call": lambda: ec2.create_vpc(CidrBlock="10.9.0.0/16"),
+        "a transaction on another pool's rows": lambda: ddb.transact_write_items(TransactItems=[
+            _update(f"runner-pool-{other}", "i-0123456789abcdef0")]),
+        "a transaction with a condition check": lambda: ddb.transact_write_items(TransactItems=[
+            _update(f"runner-pool-{pool.name}", "i-0123456789abcdef0"),
+            {"ConditionCheck": {"TableName": f"runner-pool-{pool.name}", "ConditionExpression": "attribute_exists(pk)",
+                                "Key": {"pk": {"S": "pool"}, "sk": {"S": "config"}}}}]),
     }
     allowed = [name for name, call in attacks.items() if not _denied(call)]
     assert allowed == []
