@@ -295,6 +295,27 @@ def conditional_update(region: str, *, doing: str, **request: Any) -> dict[str, 
     return dict(resp["Attributes"])
 
 
+TRANSACTION_MAX = 100        # actions in one TransactWriteItems
+
+
+def transact_updates(region: str, updates: list[dict[str, Any]], *, doing: str) -> bool:
+    """One DynamoDB TransactWriteItems of conditional Updates (at most :data:`TRANSACTION_MAX`):
+    True when all landed, False when the transaction was cancelled and none did.
+
+    Only Updates, so IAM authorizes it as ``dynamodb:UpdateItem`` on the table (AWS authorizes
+    each action of a transaction as its single call; there is no TransactWriteItems permission).
+    botocore fills ``ClientRequestToken``, so a resend after a lost answer is not applied twice.
+    """
+    if not 0 < len(updates) <= TRANSACTION_MAX:
+        raise ValueError(f"a transaction holds 1 to {TRANSACTION_MAX} actions, not {len(updates)}")
+    try:
+        with mapped(doing):
+            client("dynamodb", region).transact_write_items(TransactItems=[{"Update": u} for u in updates])
+    except ConditionFailed:
+        return False
+    return True
+
+
 def parallel(fn: Callable[[T], R], items: Iterable[T], max_workers: int = 16) -> list[R]:
     """Map ``fn`` over ``items`` in threads, keeping order and the call counter.
 

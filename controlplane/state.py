@@ -105,6 +105,62 @@ def transition(
     every transition removes whatever of it it does not set, so commit,
     rollback and termination all take it away.
     """
+    request = _request(pool, instance_id, from_=from_, to=to, expect_run=expect_run, now=now, set_run=set_run,
+                       when=when, count_reuse=count_reuse, registration=registration, threshold=threshold)
+    arn = pool.arn(instance_id)
+    try:
+        item = aws.conditional_update(pool.region, **request, doing=f"dynamodb:UpdateItem {from_}->{to} on {arn}")
+    except aws.ConditionFailed as exc:
+        current = InstanceRecord.from_item(exc.item) if exc.item else None
+        if current is not None and _landed_already(current, to, expect_run, set_run, now):
+            return _won(pool, to, current, now)
+        return Transition(False, current, _why_lost(current, from_, expect_run, now, when))
+    return _won(pool, to, InstanceRecord.from_item(item), now)
+
+
+@dataclass(frozen=True)
+class Move:
+    """One row of :func:`transition_together`: the row, the state it leaves, whether it counts a reuse."""
+
+    instance_id: str
+    from_: State
+    count_reuse: bool = False
+
+
+def transition_together(pool: Pool, moves: list[Move], *, to: State, expect_run: str | None, now: float,
+                        set_run: str | None | Keep = KEEP,
+                        registration: dict[str, str] | None = None) -> dict[str, Transition]:
+    """Move every row to ``to`` in transactions of up to 100 rows; the writes that lost, by instance id.
+
+    Each row's Update is exactly :func:`transition`'s (same conditions, unexpired, same
+    ``registration``). A transaction lands whole or not at all; a cancelled one (some row moved
+    on, a conflicting write) is retried row by row with :func:`transition`, which says which rows
+    lost and why, and counts as won a row a resend of ours had already written. So the outcome is
+    the per-row one, in one call per 100 rows when nothing raced. Not for ``terminated``: those
+    writes also move the class's ceiling counters (use :func:`transition`).
+    """
+    if to is State.TERMINATED:
+        raise ValueError("a transition into terminated counts against the ceilings: use transition()")
+    kw: dict[str, Any] = {"to": to, "expect_run": expect_run, "now": now, "set_run": set_run,
+                          "registration": registration}
+    requests = [_request(pool, m.instance_id, from_=m.from_, count_reuse=m.count_reuse, when="unexpired",
+                         threshold=None, **kw) for m in moves]     # a bad edge is refused before any call
+    lost: dict[str, Transition] = {}
+    for start in range(0, len(moves), aws.TRANSACTION_MAX):
+        chunk = moves[start:start + aws.TRANSACTION_MAX]
+        if aws.transact_updates(pool.region, requests[start:start + aws.TRANSACTION_MAX],
+                                doing=f"dynamodb:TransactWriteItems {len(chunk)} rows -> {to}"):
+            continue
+        results = aws.parallel(lambda m: transition(pool, m.instance_id, from_=m.from_, count_reuse=m.count_reuse,
+                                                    **kw), chunk)
+        lost.update({m.instance_id: t for m, t in zip(chunk, results, strict=True) if t.lost})
+    return lost
+
+def _request(pool: Pool, instance_id: str, *, from_: State, to: State, expect_run: str | None, now: float,
+             set_run: str | None | Keep, when: When, count_reuse: bool, registration: dict[str, str] | None,
+             threshold: float | None) -> dict[str, Any]:
+    """The conditional Update of one transition (see :func:`transition`), refused before any call if
+    the edge or the credential is not allowed."""
     if (from_, to) not in TRANSITIONS:
         raise ValueError(f"no transition {from_} -> {to}")
     registration = registration or {}
@@ -153,18 +209,9 @@ def transition(
         sets.append("#c = if_not_exists(#c, :zero) + :one")
         values[":zero"] = {"N": "0"}
     update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-    try:
-        item = aws.conditional_update(
-            pool.region, TableName=pool.table, Key={"pk": {"S": arn}, "sk": {"S": STATE_SK}},
-            ConditionExpression=" AND ".join(cond), UpdateExpression=update,
-            ExpressionAttributeNames=names, ExpressionAttributeValues=values,
-            doing=f"dynamodb:UpdateItem {from_}->{to} on {arn}")
-    except aws.ConditionFailed as exc:
-        current = InstanceRecord.from_item(exc.item) if exc.item else None
-        if current is not None and _landed_already(current, to, expect_run, set_run, now):
-            return _won(pool, to, current, now)
-        return Transition(False, current, _why_lost(current, from_, expect_run, now, when))
-    return _won(pool, to, InstanceRecord.from_item(item), now)
+    return {"TableName": pool.table, "Key": {"pk": {"S": arn}, "sk": {"S": STATE_SK}},
+            "ConditionExpression": " AND ".join(cond), "UpdateExpression": update,
+            "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}
 
 
 def _won(pool: Pool, to: State, record: InstanceRecord, now: float) -> Transition:

@@ -8,8 +8,9 @@ with a typed reason (:class:`~controlplane.errors.CapacityError`,
 back to the pool, who is terminated) are computed there and nowhere else.
 
 * **commit** (:func:`commit`): every member goes to ``running`` with the run
-  id and a fresh threshold (now + max runtime); claimed but unhealthy runners
-  are retired. If any commit loses its race (refresh expired a row
+  id and a fresh threshold (now + max runtime), in one DynamoDB transaction
+  per 100 members (:func:`controlplane.state.transition_together`); claimed
+  but unhealthy runners are retired. If any commit loses its race (refresh expired a row
   meanwhile), all or nothing still holds: the committed members are given
   back to the pool, the lost ones terminated, and the result says
   :class:`~controlplane.errors.CommitRaced`.
@@ -30,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from controlplane import aws
 from controlplane.clock import SYSTEM_CLOCK, Clock
 from controlplane.drain import return_to_pool
 from controlplane.errors import CapacityError, CommitRaced, ProvisionFailure
@@ -39,7 +39,7 @@ from controlplane.provision.creation import CreationResult
 from controlplane.provision.selection import SelectionResult
 from controlplane.provision.validation import ValidationResult
 from controlplane.records import Member, State
-from controlplane.state import transition
+from controlplane.state import Move, transition_together
 from controlplane.store import Pool
 from controlplane.termination import Cleanup, Doomed, finish, retire
 
@@ -120,16 +120,12 @@ def rollback(pool: Pool, run_id: str, outcome: Rollback, progress: Progress = QU
 
 
 def _commit_all(pool: Pool, run_id: str, members: list[Member], clock: Clock) -> list[str]:
-    """Every member to running; the ids whose commit lost a race."""
-    now = clock.now()
-
-    def one(m: Member) -> str | None:
-        t = transition(pool, m.instance_id, from_=_state_of(m), to=State.RUNNING, expect_run=run_id, now=now,
-                       count_reuse=m.source in CLAIMED_SOURCES)
-        return None if t.won else m.instance_id
-
-    lost = [i for i in aws.parallel(one, members) if i]
-    event("commit.done", run_id=run_id, committed=len(members) - len(lost), lost=lost)
+    """Every member to running, in one transaction per 100 (row by row only if one is cancelled);
+    the ids whose commit lost a race."""
+    moves = [Move(m.instance_id, _state_of(m), count_reuse=m.source in CLAIMED_SOURCES) for m in members]
+    lost = list(transition_together(pool, moves, to=State.RUNNING, expect_run=run_id, now=clock.now()))
+    event("commit.done", run_id=run_id, committed=len(members) - len(lost), lost=lost,
+          instance_ids=[m.instance_id for m in members])
     return lost
 
 

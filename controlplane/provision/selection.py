@@ -9,9 +9,11 @@ long-polls briefly, later ones don't wait); when that finds the pool warm
 and more are wanted, receive the rest at once in parallel calls (SQS often
 returns fewer messages than asked, so waiting for a full batch would be five
 rounds for a run of 50), so a warm run of 50 costs two round trips and a cold
-pool one receive; claim every candidate in parallel with the
-conditional idle->claimed write; delete each message once its claim is
-decided (won, or lost because the row moved on: a stale message); give back
+pool one receive; claim every candidate with its conditional idle->claimed
+write, all of a batch's writes in one DynamoDB transaction
+(:func:`controlplane.state.transition_together`; a stale message cancels it,
+and then the writes go row by row, so only that claim loses); delete each
+message once its claim is decided (won, or lost because the row moved on: a stale message); give back
 at once the valid messages this run did not need. Claimed instances are
 checked in one batch read: a stale heartbeat (or a failure signal) means the
 instance is terminated and another candidate is taken, without waiting on the
@@ -37,7 +39,7 @@ from controlplane.logs import event
 from controlplane.pool import PoolMessage
 from controlplane.provision.attempt import Touched
 from controlplane.records import AgentRecord, Member, Signal, State
-from controlplane.state import transition
+from controlplane.state import Move, transition_together
 from controlplane.store import Pool
 
 SELECTION_TIMEOUT_S = 20
@@ -117,13 +119,8 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
         res.received += len(msgs)
         split = partition(msgs, resource_class, usage_class, want)
         keep, drop, back = split.keep, split.drop, split.back
-        outcomes = aws.parallel(lambda m: (m, _claim(pool, run_id, m, clock, touched, registration)), keep)
-        won: list[Member] = []
-        for _, member in outcomes:
-            if member is None:
-                res.lost_races += 1                 # the row moved on: the message was stale
-            else:
-                won.append(member)
+        won = _claim_all(pool, run_id, keep, clock, touched, registration)
+        res.lost_races += len(keep) - len(won)      # the row moved on: the message was stale
         res.stale_dropped += len(drop) + (len(keep) - len(won))
         pool_q.delete(cfg.region, url, keep + drop)  # every claim is decided: won or stale
         if back:
@@ -145,31 +142,40 @@ def select(pool: Pool, run_id: str, resource_class: str, count: int, usage_class
                            agents)
 
 
-def _claim(pool: Pool, run_id: str, m: PoolMessage, clock: Clock, touched: Touched | None,
-           registration: dict[str, str] | None = None) -> Member | None:
-    t = transition(pool, m.instance_id, from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run=run_id,
-                   now=clock.now(), registration=registration)
-    if t.lost or t.record is None:
-        event("claim.lost", run_id=run_id, instance_id=m.instance_id, reason=t.reason)
-        return None
-    r = t.record
+def _claim_all(pool: Pool, run_id: str, msgs: list[PoolMessage], clock: Clock, touched: Touched | None,
+               registration: dict[str, str] | None = None) -> list[PoolMessage]:
+    """Claim the messages' rows idle -> claimed, in one transaction per 100 (row by row only if one is
+    cancelled by a stale message); the messages whose claim won."""
+    if not msgs:
+        return []
+    lost = transition_together(pool, [Move(m.instance_id, State.IDLE) for m in msgs], to=State.CLAIMED,
+                               expect_run=None, set_run=run_id, now=clock.now(), registration=registration)
+    for iid, t in lost.items():
+        event("claim.lost", run_id=run_id, instance_id=iid, reason=t.reason)
+    won = [m for m in msgs if m.instance_id not in lost]
     if touched is not None:
-        touched.add([r.instance_id])
-    return Member(r.instance_id, r.arn, "pool", r.instance_type, r.subnet_id, r.usage_class, r.resource_class)
+        touched.add([m.instance_id for m in won])
+    return won
 
 
-def _check_health(pool: Pool, members: list[Member], clock: Clock,
+def _check_health(pool: Pool, won: list[PoolMessage], clock: Clock,
                   agents: dict[str, AgentRecord | None]) -> tuple[list[Member], list[Member]]:
-    rows = store.read_set(pool, [m.instance_id for m in members])
+    """The claimed rows read back with their agents' (one batch read): healthy members and unhealthy."""
+    rows = store.read_set(pool, [m.instance_id for m in won])
     agents.update({iid: agent for iid, (_, agent) in rows.items()})
     now = clock.now()
     healthy: list[Member] = []
     unhealthy: list[Member] = []
-    for m in members:
-        _, agent = rows.get(m.instance_id, (None, None))
+    for m in won:
+        record, agent = rows.get(m.instance_id, (None, None))
+        if record is None:                          # the row went away after our claim: nothing to hold
+            event("claim.row_gone", instance_id=m.instance_id)
+            continue
+        member = Member(record.instance_id, record.arn, "pool", record.instance_type, record.subnet_id,
+                        record.usage_class, record.resource_class)
         ok = agent is not None and agent.is_healthy(now, pool.config.heartbeat_stale_s) and agent.signal not in (
             Signal.SHUTDOWN, Signal.PRERUNNER_FAILED, Signal.INTERRUPTED)
-        (healthy if ok else unhealthy).append(m)
+        (healthy if ok else unhealthy).append(member)
         if not ok:
             age = agent.heartbeat_age(now) if agent else None
             event("claim.unhealthy", instance_id=m.instance_id,

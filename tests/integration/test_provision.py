@@ -5,6 +5,7 @@ instances in EC2, runners in the GitHub stand-in, messages in the queues.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
-from tests.conftest import ROOT, Emu
+from controlplane.state import transition
+from tests.conftest import ROOT, Emu, run_cli_with_own_key
 from tests.factories import provision_rolled_back_by_one_failed_registration, run_id
 
 
@@ -157,10 +159,47 @@ def test_throttling_is_retried_and_the_provision_succeeds(make_pool: Any, emu: E
     pool = make_pool()
     emu.fault(op="CreateFleet", code="RequestLimitExceeded", status=503, count=1)
     emu.fault(op="UpdateItem", code="ThrottlingException", status=400, count=2)
+    emu.fault(op="TransactWriteItems", code="ThrottlingException", status=400, count=2)   # the commit
     emu.fault(op="ReceiveMessage", code="ThrottlingException", status=400, count=1)
     res = prov(pool, 2)
     assert res.ok, res.reason
     assert res.fleet_calls == 1 and len(pool_instance_ids(pool.config)) == 2
+    hits = {r["op"]: r["hits"] for r in emu.fault_rules()["rules"]}
+    assert hits["TransactWriteItems"] == 2 and hits["CreateFleet"] == 1    # the commit was throttled, and retried
+    assert set(states(pool, res.instance_ids).values()) == {"running"}
+
+
+def test_a_stale_message_loses_only_its_own_claim_and_the_warm_run_takes_the_live_runners(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool()
+    first = prov(pool, 3)
+    assert first.ok, first.reason
+    assert sorted(release(pool, first.run_id).returned_to_pool) == sorted(first.instance_ids)
+    url = pool_q.queue_url(pool.config, "small")
+    by_id = {m.instance_id: m for m in pool_q.drain(pool.region, url)}
+    assert sorted(by_id) == sorted(first.instance_ids)
+    stale, *live = first.instance_ids
+    assert transition(pool, stale, from_=State.IDLE, to=State.CLAIMED, expect_run=None, set_run="run-rival",
+                      now=time.time()).won                      # its message is now stale
+    pool_q.send(pool.region, url, [by_id[stale], *(by_id[i] for i in live)])   # the stale one comes first
+
+    res, key = run_cli_with_own_key("provision", "--pool", pool.name, "--region", pool.region, "--run-id",
+                                    run_id(), "--resource-class", "small", "--count", "2", "--json")
+
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["from_pool"] == 2 and out["created"] == 0
+    assert sorted(i["id"] for i in out["instances"]) == sorted(live)
+    counts = emu.requests(access_key=key)["counts"]
+    # The first batch's claim transaction was cancelled by the stale row and redone row by row (2
+    # writes: the stale one lost); the next batch's claim and the commit were one transaction each.
+    assert counts.get("dynamodb.TransactWriteItems") == 3 and counts.get("dynamodb.UpdateItem") == 2, counts
+    assert states(pool, live) == {i: "running" for i in live}
+    got = store.get_record(pool, stale)
+    assert got is not None and got.state is State.CLAIMED and got.run_id == "run-rival"
+    assert pool_q.depth(pool.region, url)["visible"] == 0
+    transition(pool, stale, from_=State.CLAIMED, to=State.IDLE, expect_run="run-rival", set_run=None,
+               now=time.time())                                 # the rival gives it back; destroy tidies up
 
 
 def test_a_provisioner_killed_mid_run_leaves_no_orphan_after_reconcile(make_pool: Any, emu: Emu) -> None:

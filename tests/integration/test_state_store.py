@@ -11,7 +11,7 @@ import pytest
 from controlplane import aws, store
 from controlplane.config import parse_config
 from controlplane.records import InstanceRecord, State
-from controlplane.state import TERMINATED_RETENTION_S, TRANSITIONS, transition
+from controlplane.state import TERMINATED_RETENTION_S, TRANSITIONS, Move, transition, transition_together
 from controlplane.store import Pool
 from tests.conftest import pool_config_dict
 
@@ -169,3 +169,63 @@ def test_a_resent_write_that_had_already_landed_counts_as_won_not_as_a_lost_race
     assert rival.lost and later.lost
     got = store.get_record(pool, r.instance_id)
     assert got is not None and got.run_id == "run-a" and got.version == 2
+
+
+def transactions(emu: Any) -> int:
+    return int(emu.requests()["counts"].get("dynamodb.TransactWriteItems", 0))
+
+
+def test_rows_moved_together_land_in_one_transaction_per_hundred(pool: Pool, emu: Any) -> None:
+    rows = [row(pool, State.CLAIMED, "run-t") for _ in range(120)]
+    before = transactions(emu)
+    now = time.time()
+    lost = transition_together(pool, [Move(r.instance_id, State.CLAIMED, count_reuse=True) for r in rows],
+                               to=State.RUNNING, expect_run="run-t", now=now)
+    assert lost == {}
+    assert transactions(emu) - before == 2                       # 100 + 20: AWS's limit per transaction
+    got = store.read_set(pool, [r.instance_id for r in rows])
+    for r in rows:
+        rec = got[r.instance_id][0]
+        assert rec is not None and rec.state is State.RUNNING and rec.run_id == "run-t" and rec.version == 2
+        assert rec.reuse_count == 1 and rec.threshold == pytest.approx(now + pool.config.max_runtime_s, abs=0.01)
+
+
+def test_a_row_that_moved_on_cancels_the_transaction_and_only_that_row_loses(pool: Pool, emu: Any) -> None:
+    rows = [row(pool, State.IDLE) for _ in range(4)]
+    rival = move(pool, rows[2], State.CLAIMED, None, set_run="run-rival")         # a stale message's row
+    assert rival.won
+    before = transactions(emu)
+    lost = transition_together(pool, [Move(r.instance_id, State.IDLE) for r in rows], to=State.CLAIMED,
+                               expect_run=None, set_run="run-mine", now=time.time())
+    assert transactions(emu) - before == 1                       # cancelled whole, then row by row
+    assert list(lost) == [rows[2].instance_id] and lost[rows[2].instance_id].reason == "state is claimed, not idle"
+    got = store.read_set(pool, [r.instance_id for r in rows])
+    assert {i: (r.state, r.run_id) for i, (r, _) in got.items() if r} == {
+        **{r.instance_id: (State.CLAIMED, "run-mine") for r in rows if r is not rows[2]},
+        rows[2].instance_id: (State.CLAIMED, "run-rival")}
+
+
+def test_a_resent_transaction_that_had_already_landed_loses_nothing(pool: Pool) -> None:
+    # botocore resends after a lost answer (on AWS its ClientRequestToken makes that a no-op; moto has
+    # no idempotency): the resend is cancelled by our own writes, and row by row they count as won.
+    rows = [row(pool, State.CLAIMED, "run-t") for _ in range(3)]
+    moves = [Move(r.instance_id, State.CLAIMED) for r in rows]
+    now = time.time()
+    assert transition_together(pool, moves, to=State.RUNNING, expect_run="run-t", now=now) == {}
+    assert transition_together(pool, moves, to=State.RUNNING, expect_run="run-t", now=now) == {}
+    later = transition_together(pool, moves, to=State.RUNNING, expect_run="run-t", now=now + 1)
+    assert sorted(later) == sorted(r.instance_id for r in rows)   # anyone else's write: lost
+    assert all(r.version == 2 for r, _ in store.read_set(pool, [r.instance_id for r in rows]).values() if r)
+
+
+def test_moving_rows_together_refuses_a_bad_edge_and_terminated_before_any_call(pool: Pool, emu: Any) -> None:
+    rows = [row(pool, State.IDLE) for _ in range(2)]
+    before = transactions(emu)
+    with pytest.raises(ValueError, match="no transition idle -> running"):
+        transition_together(pool, [Move(rows[0].instance_id, State.IDLE), Move(rows[1].instance_id, State.RUNNING)],
+                            to=State.RUNNING, expect_run=None, now=time.time())
+    with pytest.raises(ValueError, match="ceilings"):
+        transition_together(pool, [Move(r.instance_id, State.IDLE) for r in rows], to=State.TERMINATED,
+                            expect_run=None, now=time.time())
+    assert transactions(emu) == before
+    assert {r.state for r, _ in store.read_set(pool, [r.instance_id for r in rows]).values() if r} == {State.IDLE}

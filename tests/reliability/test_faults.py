@@ -436,8 +436,8 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
         emu.latency(op="CreateFleet", access_key=key, seconds=5)
     elif phase == "validation":
         emu.behaviour(match={"pool": pool.name}, registration="hang")
-    else:                                     # the commit writes in flight
-        emu.latency(op="UpdateItem", contains=COMMITTING, access_key=key, seconds=8)
+    else:                                     # the commit (one transaction of both rows) in flight
+        emu.latency(op="TransactWriteItems", contains=COMMITTING, access_key=key, seconds=8)
     p = Provisioner(pool, rid, 2, key)
     wait_for(lambda: p.reached(tag), f"the provisioner to reach {tag!r}")
     if phase == "selection":
@@ -447,7 +447,7 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
     elif phase == "validation":
         wait_for(lambda: len(run_instances(pool, rid)) == 2, "the created rows")
     else:
-        wait_for(lambda: emu.latency_hits(COMMITTING) >= 2, "both commit writes to reach the table")
+        wait_for(lambda: emu.latency_hits(COMMITTING) >= 1, "the commit transaction to reach the table")
     p.kill()
     following = [*PHASES[PHASES.index(tag) + 1:], ROLLBACK]
     assert not any(p.reached(t) for t in following), p.lines           # it died in that phase
@@ -456,7 +456,7 @@ def test_a_provisioner_killed_in_each_phase_leaves_nothing_after_reconcile_and_r
     elif phase == "commit":
         assert {r.state for r in store.run_records(pool, rid)} == {State.CREATED}
         wait_for(lambda: {r.state for r in store.run_records(pool, rid)} == {State.RUNNING},
-                 "the commit writes in flight to land")
+                 "the commit transaction in flight to land")
     emu.clear_faults()                                                  # the fault is over; now recover
     fixed = reconcile(pool, clock=AFTER_ORPHAN_GRACE)                   # the scheduled one, later
     rel = release(pool, rid)                                            # the workflow's release step
