@@ -13,7 +13,9 @@ is measured from outside too.
 Per run of the script, in one embedded default, for each ``--mode``:
 
 * a pool of ``max(--sizes)`` idle runners (one cold provision, then a
-  release, in-process), then for each N: ``--repeats`` times `provision
+  release, in-process), ``--untimed`` provision and release pairs of the
+  smallest N that are not measured (the first commands after the warm-up
+  meet its aftermath), then for each N: ``--repeats`` times `provision
   --count N` from that pool followed by `release` of that run (the release's
   wall time is "until every runner is claimable again": release requeues
   every runner before it exits);
@@ -31,7 +33,7 @@ request counts; the runners' own pings to the runner service are not REST
 calls and are left out).
 
     PYTHONPATH=. python bench/command_latency.py [--modes relabel,reregister] [--sizes 1,10,50]
-        [--cold 10] [--repeats 5] [--heartbeat-stale-s 8] [--out command_latency]
+        [--cold 10] [--repeats 5] [--untimed 2] [--heartbeat-stale-s 8] [--out command_latency]
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def region_args(pool: Any) -> list[str]:
 
 
 def measure_mode(loc: h.Local, mode: str, sizes: list[int], cold: int, repeats: int,
-                 stale_s: int) -> dict[str, Any]:
+                 stale_s: int, untimed: int = 0) -> dict[str, Any]:
     overrides: dict[str, Any] = {"fresh_registration": True} if mode == "reregister" else (
         {"fresh_registration": False} if mode == "relabel" else {})
     overrides["heartbeat_stale_s"] = stale_s
@@ -108,6 +110,11 @@ def measure_mode(loc: h.Local, mode: str, sizes: list[int], cold: int, repeats: 
     pool = loc.pool(**overrides)
     loc.behaviour(match={"pool": pool.name}, registration="ok", registration_delay_s=0)
     h.warm_up(pool, max(sizes))
+    for _ in range(untimed):        # not measured: the first commands after the warm-up ran slower
+        run = h.run_id("untimed")
+        run_command(["provision", *region_args(pool), "--run-id", run, "--resource-class", "small",
+                     "--count", str(min(sizes))], aws_port)
+        run_command(["release", *region_args(pool), "--run-id", run], aws_port)
     out: dict[str, Any] = {"warm": {}, "cold": {}}
     for n in sizes:
         walls, firsts, releases, release_firsts, totals, ddb_sqs, gh_calls, kept = [], [], [], [], [], [], [], []
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="command_latency")
+    ap.add_argument("--untimed", type=int, default=2, help="provision/release pairs run before measuring")
     ap.add_argument("--heartbeat-stale-s", type=int, default=h.BENCH_TIMINGS["heartbeat_stale_s"],
                     help="the pools' heartbeat_stale_s (raise it on a loaded machine: 60 agents share 2 cores)")
     args = ap.parse_args(argv)
@@ -204,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {}
     with h.local_default() as loc:
         for mode in modes:
-            result[mode] = measure_mode(loc, mode, sizes, args.cold, args.repeats, args.heartbeat_stale_s)
+            result[mode] = measure_mode(loc, mode, sizes, args.cold, args.repeats, args.heartbeat_stale_s,
+                                        args.untimed)
             loc.destroy_pools()
-    path = h.write_result(args.out, {"sizes": sizes, "cold": args.cold, "repeats": args.repeats,
+    path = h.write_result(args.out, {"sizes": sizes, "cold": args.cold, "repeats": args.repeats, "untimed": args.untimed,
                                      "heartbeat_stale_s": args.heartbeat_stale_s, "load_before": os.getloadavg(),
                                      "result": result})
     print(report(result))
