@@ -19,6 +19,7 @@ import pytest
 from controlplane import aws, store
 from controlplane import pool as pool_q
 from controlplane.apply import pool_instance_ids
+from controlplane.errors import CommitRaced
 from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.reconcile import reconcile
 from controlplane.records import State
@@ -200,6 +201,38 @@ def test_a_stale_message_loses_only_its_own_claim_and_the_warm_run_takes_the_liv
     assert pool_q.depth(pool.region, url)["visible"] == 0
     transition(pool, stale, from_=State.CLAIMED, to=State.IDLE, expect_run="run-rival", set_run=None,
                now=time.time())                                 # the rival gives it back; destroy tidies up
+
+
+def test_a_row_that_moves_on_while_the_commit_is_in_flight_gives_the_whole_set_up(
+        make_pool: Any, emu: Emu) -> None:
+    pool = make_pool()
+    first = prov(pool, 2)
+    assert first.ok, first.reason
+    assert sorted(release(pool, first.run_id).returned_to_pool) == sorted(first.instance_ids)
+    lost, kept = first.instance_ids
+    rid = run_id()
+    emu.latency(op="TransactWriteItems", contains='"running"', seconds=3)     # hold the commit
+    box: dict[str, ProvisionResult] = {}
+    worker = threading.Thread(target=lambda: box.update(res=prov(pool, 2, rid=rid)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while emu.latency_hits('"running"') < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert emu.latency_hits('"running"') >= 1, "the commit never started"
+    # Meanwhile something else (refresh, for a claim past its deadline) takes one row out of the run.
+    assert transition(pool, lost, from_=State.CLAIMED, to=State.TERMINATED, expect_run=rid, set_run=None,
+                      now=time.time(), when="any").won
+    worker.join(180)
+    res = box["res"]
+
+    assert not res.ok and "changed state before commit" in res.reason and lost in res.reason, res.reason
+    assert states(pool, [kept, lost]) == {kept: "idle", lost: "terminated"}        # all or nothing
+    assert ec2_states(pool, [lost])[lost] in ("shutting-down", "terminated")
+    assert ec2_states(pool, [kept])[kept] == "running"
+    url = pool_q.queue_url(pool.config, "small")
+    assert [m.instance_id for m in pool_q.drain(pool.region, url)] == [kept]      # back in the pool, once
+    assert isinstance(res.failure, CommitRaced) and res.failure.lost == [lost]
+    assert no_runner_left(emu, res.label), "a runner still carries the failed run's label"
 
 
 def test_a_provisioner_killed_mid_run_leaves_no_orphan_after_reconcile(make_pool: Any, emu: Emu) -> None:
