@@ -23,3 +23,12 @@ def provision_rolled_back_by_one_failed_registration(pool: Any, emu: Any) -> tup
     release(pool, warm.run_id)
     emu.behaviour(match={"pool": pool.name}, count=1, registration="fail")
     return warm, provision(pool, ProvisionRequest(run_id(), "small", 3))
+
+
+def warm_pool(make_pool: Any, n: int, **overrides: Any) -> tuple[Any, ProvisionResult]:
+    """A fresh pool whose ``n`` runners were created by one run and released back into it."""
+    pool = make_pool(**overrides)
+    first = provision(pool, ProvisionRequest(run_id(), "small", n))
+    assert first.ok, first.reason
+    assert sorted(release(pool, first.run_id).returned_to_pool) == sorted(first.instance_ids)
+    return pool, first

@@ -25,8 +25,8 @@ from controlplane.reconcile import reconcile
 from controlplane.records import State
 from controlplane.release import release
 from controlplane.state import transition
-from tests.conftest import ROOT, Emu, run_cli_with_own_key
-from tests.factories import provision_rolled_back_by_one_failed_registration, run_id
+from tests.conftest import ROOT, Emu, run_cli_with_own_key, wait_for
+from tests.factories import provision_rolled_back_by_one_failed_registration, run_id, warm_pool
 
 
 def prov(pool: Any, n: int, cls: str = "small", usage: str | None = None, rid: str | None = None) -> ProvisionResult:
@@ -172,10 +172,7 @@ def test_throttling_is_retried_and_the_provision_succeeds(make_pool: Any, emu: E
 
 def test_a_stale_message_loses_only_its_own_claim_and_the_warm_run_takes_the_live_runners(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
-    first = prov(pool, 3)
-    assert first.ok, first.reason
-    assert sorted(release(pool, first.run_id).returned_to_pool) == sorted(first.instance_ids)
+    pool, first = warm_pool(make_pool, 3)
     url = pool_q.queue_url(pool.config, "small")
     by_id = {m.instance_id: m for m in pool_q.drain(pool.region, url)}
     assert sorted(by_id) == sorted(first.instance_ids)
@@ -205,20 +202,14 @@ def test_a_stale_message_loses_only_its_own_claim_and_the_warm_run_takes_the_liv
 
 def test_a_row_that_moves_on_while_the_commit_is_in_flight_gives_the_whole_set_up(
         make_pool: Any, emu: Emu) -> None:
-    pool = make_pool()
-    first = prov(pool, 2)
-    assert first.ok, first.reason
-    assert sorted(release(pool, first.run_id).returned_to_pool) == sorted(first.instance_ids)
+    pool, first = warm_pool(make_pool, 2)
     lost, kept = first.instance_ids
     rid = run_id()
     emu.latency(op="TransactWriteItems", contains='"running"', seconds=3)     # hold the commit
     box: dict[str, ProvisionResult] = {}
     worker = threading.Thread(target=lambda: box.update(res=prov(pool, 2, rid=rid)))
     worker.start()
-    deadline = time.monotonic() + 120
-    while emu.latency_hits('"running"') < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert emu.latency_hits('"running"') >= 1, "the commit never started"
+    wait_for(lambda: emu.latency_hits('"running"') >= 1, "the commit transaction to reach the emulator", 120)
     # Meanwhile something else (refresh, for a claim past its deadline) takes one row out of the run.
     assert transition(pool, lost, from_=State.CLAIMED, to=State.TERMINATED, expect_run=rid, set_run=None,
                       now=time.time(), when="any").won

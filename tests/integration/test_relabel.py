@@ -16,6 +16,7 @@ from controlplane.provision import ProvisionRequest, ProvisionResult, provision
 from controlplane.records import REGISTRATION_ATTRIBUTES, State
 from controlplane.release import release
 from tests.conftest import Emu, wait_for
+from tests.factories import warm_pool
 
 
 def run_id() -> str:
@@ -39,16 +40,6 @@ def labels_of(runner: dict[str, Any] | None) -> set[str]:
     return {lb["name"] for lb in (runner or {}).get("labels", [])}
 
 
-def warm_pool(make_pool: Any, emu: Emu, n: int, **overrides: Any) -> tuple[Any, ProvisionResult]:
-    """A pool whose ``n`` runners were created by one run and released back, still registered."""
-    pool = make_pool(**overrides)
-    first = prov(pool, n)
-    assert first.ok, first.reason
-    rel = release(pool, first.run_id)
-    assert sorted(rel.returned_to_pool) == sorted(first.instance_ids)
-    return pool, first
-
-
 def add_job(emu: Emu, labels: list[str], name: str, duration_s: float = 0.0) -> int:
     reply = emu._call(f"{emu.github}/_control/jobs", "POST",
                       {"scope": "octo-org/octo-repo", "labels": labels, "name": name, "duration_s": duration_s})
@@ -64,7 +55,7 @@ def set_label_delay(emu: Emu, delay_s: float) -> None:
 
 
 def test_a_warm_provision_keeps_every_runner_and_registers_nothing_new(make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 3)
+    pool, first = warm_pool(make_pool, 3)
     before = runner_ids(pool, first.instance_ids)
     assert all(before.values())
     for iid, rid in before.items():                 # released: still registered, online, no label at all
@@ -90,7 +81,7 @@ def test_a_warm_provision_keeps_every_runner_and_registers_nothing_new(make_pool
 
 
 def test_relabelled_runners_take_a_job_of_their_run_and_none_of_an_earlier_run(make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 2)
+    pool, first = warm_pool(make_pool, 2)
     second = prov(pool, 2)
     assert second.ok and second.relabelled == 2, second.reason
     # The earlier run's job is queued first: the stand-in hands a runner the oldest job it matches.
@@ -107,7 +98,7 @@ def test_relabelled_runners_take_a_job_of_their_run_and_none_of_an_earlier_run(m
 
 def test_a_refused_relabel_falls_back_to_a_fresh_registration_for_that_runner_alone(
         make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 3)
+    pool, first = warm_pool(make_pool, 3)
     before = runner_ids(pool, first.instance_ids)
     refused = min(first.instance_ids)
     emu.github_fault(mode="fail", name_contains=refused, path_contains="/labels", status=422, count=1,
@@ -134,7 +125,7 @@ def test_a_refused_relabel_falls_back_to_a_fresh_registration_for_that_runner_al
 
 
 def test_a_label_change_that_takes_effect_late_is_waited_for_not_assumed(make_pool: Any, emu: Emu) -> None:
-    pool, _ = warm_pool(make_pool, emu, 2)
+    pool, _ = warm_pool(make_pool, 2)
     set_label_delay(emu, 2.0)
     try:
         second = prov(pool, 2)
@@ -151,7 +142,7 @@ def test_a_label_change_that_takes_effect_late_is_waited_for_not_assumed(make_po
 
 def test_release_drains_a_runner_that_is_busy_and_the_next_claim_registers_it_anew(
         make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 2)
+    pool, first = warm_pool(make_pool, 2)
     second = prov(pool, 2)
     assert second.ok and second.relabelled == 2, second.reason
     long_job = add_job(emu, [second.label], "still running at release", duration_s=300)
@@ -172,7 +163,7 @@ def test_release_drains_a_runner_that_is_busy_and_the_next_claim_registers_it_an
 
 
 def test_a_pool_with_fresh_registration_registers_every_run_anew(make_pool: Any, emu: Emu) -> None:
-    pool, first = warm_pool(make_pool, emu, 2, fresh_registration=True)
+    pool, first = warm_pool(make_pool, 2, fresh_registration=True)
     before = runner_ids(pool, first.instance_ids)
     assert all(github_runner(emu, r) is None for r in before.values())  # release deregistered them
     second = prov(pool, 2)
