@@ -146,9 +146,9 @@ def transition_together(pool: Pool, moves: list[Move], *, to: State, expect_run:
     requests = [_request(pool, m.instance_id, from_=m.from_, count_reuse=m.count_reuse, when="unexpired",
                          threshold=None, **kw) for m in moves]     # a bad edge is refused before any call
     lost: dict[str, Transition] = {}
-    for start in range(0, len(moves), aws.TRANSACTION_MAX):
-        chunk = moves[start:start + aws.TRANSACTION_MAX]
-        if aws.transact_updates(pool.region, requests[start:start + aws.TRANSACTION_MAX],
+    for pairs in aws.chunks(list(zip(moves, requests, strict=True)), aws.TRANSACTION_MAX):
+        chunk = [m for m, _ in pairs]
+        if aws.transact_updates(pool.region, [r for _, r in pairs],
                                 doing=f"dynamodb:TransactWriteItems {len(chunk)} rows -> {to}"):
             continue
         results = aws.parallel(lambda m: transition(pool, m.instance_id, from_=m.from_, count_reuse=m.count_reuse,
